@@ -1,0 +1,153 @@
+"""The ``lift3d`` command line: run stages, show their status, generate and inspect data."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import click
+
+from lift3d import config as C
+from lift3d import stages as S
+
+log = logging.getLogger("lift3d")
+
+config_opt = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+                          help="A YAML file that sets only what it changes from stages.yaml.")
+override_opt = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                            help="Override one value (YAML syntax), e.g. -o points.voxel_size=0.05. Repeatable.")
+
+
+def _load(config_path, overrides) -> dict:
+    try:
+        return C.load(config_path, overrides)
+    except C.ConfigError as exc:
+        raise click.ClickException(f"config error: {exc}") from None
+
+
+def _summary(stage: str, rows, seconds: float) -> None:
+    click.echo(f"\n== {stage}: summary ({seconds:.1f} s) ==")
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k != "dataset"]
+    head = ["dataset"] + keys
+    table = [[str(r.get(k, "")) if not isinstance(r.get(k), float) else f"{r[k]:.2f}" for k in head] for r in rows]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for t in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """lift3d: pretrain sparse 3D networks from frozen 2D networks through RGB-D frames.
+
+    Stages (stages.yaml): frames -> teacher, points -> pretrain -> finetune, distill2d.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("distributed", "tornado", "asyncio"):  # dask's own chatter, unless debugging
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+@main.command()
+@click.argument("stage", type=click.Choice(list(S.ORDER) + ["all"]))
+@config_opt
+@override_opt
+def run(stage, config_path, overrides):
+    """Run STAGE (or `all`: every stage that is not done, in order)."""
+    cfg = _load(config_path, overrides)
+    todo = [stage] if stage != "all" else [s for s in S.ORDER if S.available(s)]
+    for name in todo:
+        if stage == "all":
+            state, _ = S.stage_status(cfg, name)
+            if state == "done":
+                click.echo(f"{name}: done, skipped")
+                continue
+        t0 = time.perf_counter()
+        try:
+            rows = S.run_stage(cfg, name)
+        except NotImplementedError as exc:
+            raise click.ClickException(str(exc)) from None
+        except Exception as exc:  # one clear line; the traceback with -v
+            if logging.getLogger("lift3d").isEnabledFor(logging.DEBUG):
+                raise
+            raise click.ClickException(f"{name} failed: {type(exc).__name__}: {exc}") from None
+        _summary(name, rows, time.perf_counter() - t0)
+
+
+@main.command()
+@config_opt
+@override_opt
+def status(config_path, overrides):
+    """Each stage as done / out of date / missing, and why."""
+    cfg = _load(config_path, overrides)
+    click.echo(f"workdir: {C.workdir(cfg)}")
+    upstream_bad: set[str] = set()
+    graph = cfg["graph"]
+    for name in S.ORDER:
+        if not S.available(name):
+            click.echo(f"{name:10s} not built yet in this version")
+            continue
+        state, why = S.stage_status(cfg, name)
+        stale_up = [u for u in graph[name]["needs"] if u in upstream_bad]
+        if state == "done" and stale_up:
+            state, why = "out of date", [f"upstream stage {', '.join(stale_up)} is not done"]
+        if state != "done":
+            upstream_bad.add(name)
+        click.echo(f"{name:10s} {state}")
+        for line in why:
+            click.echo(f"{'':10s}   {line}")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (ScanNet raw layout).")
+@click.option("--scenes", default=6, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+def synth(out, scenes, seed):
+    """Generate the procedural indoor dataset in ScanNet's raw format (.sens, labelled meshes)."""
+    from pipeline.synthetic import generate
+
+    generate(out, scenes=scenes, seed=seed)
+    click.echo(f"wrote {scenes} scenes to {out}")
+
+
+@main.command()
+@click.argument("dataset")
+@click.argument("frame", type=int)
+@click.option("--out", "out_png", default="show.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--ply", default=None, type=click.Path(dir_okay=False), help="Also export the frame's points as PLY.")
+@config_opt
+@override_opt
+def show(dataset, frame, out_png, ply, config_path, overrides):
+    """Write a PNG of frame FRAME of DATASET: RGB, depth and its points from a second viewpoint."""
+    from pipeline.show import show as show_frame
+
+    cfg = _load(config_path, overrides)
+    show_frame(cfg, dataset, frame, out_png, ply=ply)
+    click.echo(f"wrote {out_png}" + (f" and {ply}" if ply else ""))
+
+
+@main.group(name="eval")
+def eval_():
+    """Evaluate a teacher's 2D pseudo-labels or a checkpoint."""
+
+
+@eval_.command(name="teacher")
+@click.option("--dataset", default=None, help="Dataset name (default: the first configured).")
+@config_opt
+@override_opt
+def eval_teacher_cmd(dataset, config_path, overrides):
+    """The teacher's 2D pseudo-label mIoU against the dataset's ground-truth 2D labels."""
+    from pipeline.eval_teacher import eval_teacher
+
+    cfg = _load(config_path, overrides)
+    res = eval_teacher(cfg, dataset or cfg["datasets"][0]["name"])
+    for key, val in res.items():
+        click.echo(f"{key}: {val}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The Zarr stores: the contract between stages (../shared/DESIGN.md, "The stores").
+
+Writing follows the parallel-writer rule: each worker writes one *part* per scene (a small
+Zarr group under ``<workdir>/.parts/<stage>/<group>/<lineage>/``, marked done only after its
+arrays are written), and one committer assembles the parts in sorted scene order into the
+final group, sets the attributes, and marks it ``complete`` last. A killed worker leaves a
+part that is not done (redone on re-run); a killed committer leaves an incomplete group
+(rebuilt from the parts on re-run). Parts live under the group's *lineage* hash, so output of
+a different configuration is never mixed in.
+
+Identity: ``config`` = the stage's own section plus the dataset entry; ``config_sha256`` =
+sha256 of it as sorted-key JSON; ``upstream_sha256`` = the input group's ``config_sha256``;
+``lineage_sha256`` = sha256 of (config_sha256, the upstream's lineage), so a change anywhere
+upstream makes this group out of date.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from lift3d.config import sha256_json
+
+SCHEMA_VERSION = 1
+COPY_ROWS = 256  # rows per block when the committer copies a part
+# which stage makes each store, for "missing input" messages
+MAKER = {"frames": "frames", "teacher": "teacher", "points": "points"}
+
+
+class StoreError(RuntimeError):
+    """A store or group is missing, incomplete or from another configuration."""
+
+
+def store_path(workdir: Path, store: str) -> Path:
+    return Path(workdir) / f"{store}.zarr"
+
+
+def lineage(config_sha: str, upstream_lineage: str | None) -> str:
+    return sha256_json([config_sha, upstream_lineage])
+
+
+def group_state(workdir: Path, store: str, group: str) -> dict | None:
+    """The attributes of a group, or None when it does not exist."""
+    path = store_path(workdir, store) / group
+    if not (path / "zarr.json").exists():
+        return None
+    return dict(zarr.open_group(str(path), mode="r").attrs)
+
+
+def open_group(workdir: Path, store: str, group: str, expect_lineage: str | None = None) -> zarr.Group:
+    """Open a finished group for reading; refuse one that is missing, incomplete or stale."""
+    path = store_path(workdir, store) / group
+    attrs = group_state(workdir, store, group)
+    maker = MAKER.get(store, store)
+    if attrs is None:
+        raise StoreError(f"{path} does not exist: run the '{maker}' stage first (lift3d run {maker})")
+    if not attrs.get("complete"):
+        raise StoreError(f"{path} is not marked complete (an interrupted run?): re-run 'lift3d run {maker}'")
+    if attrs.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"{path} has schema_version {attrs.get('schema_version')}, this lift3d reads "
+                         f"{SCHEMA_VERSION}: re-run 'lift3d run {maker}'")
+    if expect_lineage is not None and attrs.get("lineage_sha256") != expect_lineage:
+        raise StoreError(f"{path} was made from another configuration or input (lineage "
+                         f"{str(attrs.get('lineage_sha256'))[:12]} != expected {expect_lineage[:12]}): "
+                         f"re-run 'lift3d run {maker}'")
+    return zarr.open_group(str(path), mode="r")
+
+
+@contextmanager
+def stage_lock(workdir: Path, stage: str):
+    """One running instance per stage and workdir; a second one is refused with a message."""
+    lockdir = Path(workdir) / ".locks"
+    lockdir.mkdir(parents=True, exist_ok=True)
+    path = lockdir / f"{stage}.lock"
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise StoreError(f"stage '{stage}' is already running on {workdir} ({holder}); "
+                         f"wait for it to finish or stop it, then re-run") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def array_paths(group: zarr.Group) -> list[str]:
+    """Every array in ``group``, nested ones included, by path ("features", "soft_labels/prob").
+
+    Parts and the committed group may hold arrays in subgroups: a name with a "/" creates the
+    subgroup on the way (``PartWriter.append(**{"soft_labels/prob": a})``), and ``commit``
+    rebuilds the same layout in the final group.
+    """
+    return [path for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array)]
+
+
+class GroupWriter:
+    """Per-scene parts and the committer for one dataset group of one store."""
+
+    def __init__(self, workdir: Path, store: str, group: str, config: dict,
+                 upstream_sha256: str | None = None, upstream_lineage: str | None = None):
+        self.workdir = Path(workdir)
+        self.store = store
+        self.group = group
+        self.config = config
+        self.config_sha256 = sha256_json(config)
+        self.upstream_sha256 = upstream_sha256
+        self.lineage_sha256 = lineage(self.config_sha256, upstream_lineage)
+        self.path = store_path(workdir, store) / group
+        self.parts_root = self.workdir / ".parts" / store / group
+        self.parts_dir = self.parts_root / self.lineage_sha256[:16]
+
+    # -- state --------------------------------------------------------------------------
+    def up_to_date(self) -> bool:
+        attrs = group_state(self.workdir, self.store, self.group)
+        return bool(attrs and attrs.get("complete") and attrs.get("lineage_sha256") == self.lineage_sha256
+                    and attrs.get("schema_version") == SCHEMA_VERSION)
+
+    def prepare_parts(self) -> None:
+        """Drop parts made under any other configuration; keep this one's (resume)."""
+        if self.parts_root.exists():
+            for other in self.parts_root.iterdir():
+                if other.name != self.parts_dir.name:
+                    shutil.rmtree(other, ignore_errors=True)
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+
+    def part_path(self, scene: str) -> Path:
+        return self.parts_dir / f"{scene}.zarr"
+
+    def part_done(self, scene: str) -> bool:
+        path = self.part_path(scene)
+        if not (path / "zarr.json").exists():
+            return False
+        return bool(zarr.open_group(str(path), mode="r").attrs.get("done"))
+
+    # -- commit -------------------------------------------------------------------------
+    def commit(self, scenes: list[str], attrs: dict, ragged: tuple[str, ...] = (),
+               chunks: dict[str, tuple] | None = None) -> dict:
+        """Assemble the done parts of ``scenes`` (sorted) into the final group.
+
+        Per-frame arrays are concatenated along axis 0; a part's ``scene_index`` is rewritten to
+        the scene's position in the sorted list. Arrays named in ``ragged`` are concatenated too,
+        and ``offsets`` (N + 1) is rebuilt from each part's ``counts``. Returns the summed skips.
+        """
+        scenes = sorted(scenes)
+        missing = [s for s in scenes if not self.part_done(s)]
+        if missing:
+            raise StoreError(f"cannot commit {self.path}: parts not done for scenes {missing[:5]}")
+        parts = [zarr.open_group(str(self.part_path(s)), mode="r") for s in scenes]
+        skipped: Counter = Counter()
+        for p in parts:
+            skipped.update(p.attrs.get("skipped", {}))
+        names = [n for n in array_paths(parts[0]) if n != "counts"] if parts else []
+        totals = {n: sum(p[n].shape[0] for p in parts) for n in names}
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        root = zarr.open_group(str(store_path(self.workdir, self.store)), mode="a")
+        # create intermediate groups (e.g. teacher.zarr/<teacher>/)
+        node = root
+        for piece in self.group.split("/"):
+            node = node.require_group(piece)
+        group = node
+        group.attrs.update({"complete": False})
+        chunks = chunks or {}
+        for n in names:
+            ref = parts[0][n]
+            shape = (totals[n],) + tuple(ref.shape[1:])
+            ch = chunks.get(n) or (max(1, ref.chunks[0]),) + tuple(ref.shape[1:])
+            arr = group.create_array(n, shape=shape, chunks=ch, dtype=ref.dtype,
+                                     fill_value=0 if ref.dtype.kind != "f" else float("nan"))
+            pos = 0
+            for scene_i, p in enumerate(parts):
+                m = p[n].shape[0]
+                for start in range(0, m, COPY_ROWS):  # bounded memory per copy
+                    stop = min(m, start + COPY_ROWS)
+                    if n == "scene_index":
+                        block = np.full(stop - start, scene_i, dtype=np.int32)
+                    else:
+                        block = p[n][start:stop]
+                    arr[pos + start:pos + stop] = block
+                pos += m
+        if ragged:
+            counts = np.concatenate([p["counts"][...] for p in parts]) if parts else np.zeros(0, np.int64)
+            offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            group.create_array("offsets", data=offsets, chunks=(max(1, len(offsets)),))
+        group.attrs.update({
+            **attrs,
+            "schema_version": SCHEMA_VERSION,
+            "config": self.config,
+            "config_sha256": self.config_sha256,
+            "upstream_sha256": self.upstream_sha256,
+            "lineage_sha256": self.lineage_sha256,
+            "skipped": dict(sorted(skipped.items())),
+            "scenes": scenes,
+        })
+        group.attrs.update({"complete": True})  # last: readers refuse the group until now
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        return dict(skipped)
+
+
+class PartWriter:
+    """Append-only writer for one scene's part; ``finish`` marks it done (last)."""
+
+    def __init__(self, path: Path, chunk_rows: dict[str, int] | None = None):
+        self.path = Path(path)
+        if self.path.exists():
+            shutil.rmtree(self.path)  # a part that was not done is redone from scratch
+        self.group = zarr.open_group(str(self.path), mode="w")
+        self.chunk_rows = chunk_rows or {}
+        self.buffers: dict[str, list[np.ndarray]] = {}
+        self.skipped: Counter = Counter()
+        self.rows = 0
+
+    def append(self, **arrays: np.ndarray) -> None:
+        for name, a in arrays.items():
+            self.buffers.setdefault(name, []).append(np.asarray(a))
+
+    def flush(self) -> None:
+        for name, blocks in self.buffers.items():
+            if not blocks:
+                continue
+            data = np.concatenate(blocks, axis=0)
+            if name in self.group:
+                self.group[name].append(data, axis=0)
+            else:
+                rows = self.chunk_rows.get(name, 1)
+                self.group.create_array(name, data=data, chunks=(rows,) + data.shape[1:])
+            blocks.clear()
+
+    def finish(self, templates: dict[str, tuple[tuple, np.dtype]], **attrs) -> None:
+        """Flush; create empty arrays (0 rows) from ``templates`` for anything never appended."""
+        self.flush()
+        for name, (tail, dtype) in templates.items():
+            if name not in self.group:
+                rows = self.chunk_rows.get(name, 1)
+                self.group.create_array(name, shape=(0,) + tuple(tail), chunks=(rows,) + tuple(tail), dtype=dtype)
+        self.group.attrs.update({**attrs, "skipped": dict(self.skipped)})
+        self.group.attrs.update({"done": True})

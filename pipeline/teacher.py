@@ -1,0 +1,462 @@
+"""Stage ``teacher``: ``frames.zarr/<dataset>`` -> ``teacher.zarr/<teacher>/<dataset>/``.
+
+The frozen 2D teacher (:mod:`pipeline.teachers`) runs once over every stored frame; the
+trainer only ever reads its cached outputs. One group per (teacher, dataset), so several
+teachers coexist. Row i belongs to frame i of ``frames.zarr/<dataset>``.
+
+Arrays (../shared/DESIGN.md, "The stores"):
+
+- ``features`` float16 (N, C, h, w): the teacher's frozen map, before any learnable layer.
+- ``soft_labels/prob`` float16 (N, k, hs, ws) and ``soft_labels/index`` uint16 (N, k, hs, ws):
+  the k = ``teacher.top_k`` most probable classes per cell, most probable first, as the
+  teacher's softmax gave them (not renormalised: consumers renormalise over the k). The mass
+  left outside the top-k (1 - sum of the k, per cell, from the float32 probabilities) is
+  reported as ``topk_leftover_mass`` {mean, max} in the attributes and the summary.
+- with ``teacher.flip_pass: true`` also ``features_flip``, ``soft_labels/prob_flip`` and
+  ``soft_labels/index_flip``: the teacher's output on the horizontally flipped frame
+  (``rgb[:, :, ::-1]``), stored in the *flipped image's own* cell grid: cell (i, j) of a flip
+  array covers the flipped image's pixel centre ((i + 0.5) H / h - 0.5, (j + 0.5) W / w - 0.5),
+  i.e. the original image's column W - 1 - that. To compare with the unflipped map, flip the
+  last axis back (``features_flip[..., ::-1]``).
+
+Work is cut into *shards* of ``SHARD_FRAMES`` consecutive frames (``teacher.shard_frames``
+once that key exists in stages.yaml); each shard is one part (``shard-000000``, ...; sorted
+order = frame order) marked done only after all its rows are written, so a killed run
+resumes at the shard level and the committer gives the same store as a clean run.
+A part also records the frame range, the weights' sha256 and the flip setting; one that does
+not match the current run is redone, never mixed in.
+
+Identity: the group's config is the whole ``teacher`` section plus the dataset entry, chained
+to the frames group's lineage (:func:`lift3d.stages.groups`). A group written by another
+configuration of the same teacher (other input size, top_k, weights, device, ...) or from
+other frames is removed (with a log line) and rebuilt. ``device`` is part of the identity on
+purpose: the GPU path runs in bf16 autocast, whose outputs differ from float32 on the CPU.
+A weights file whose bytes changed under the same path is caught through ``weights_sha256``.
+
+Execution. ``teacher.device: auto`` picks cuda when available. One pipeline per process:
+a thread reads the next batch from Zarr (into pinned host memory on the GPU), the main thread
+runs the model (inference mode; on the GPU: bf16 autocast, channels-last, cudnn autotuning,
+non-blocking copies both ways), and a thread writes the finished batches into the parts, so
+the device never waits on Zarr. On a dask cluster (``cluster.n_workers > 0``, a scheduler or a
+jobqueue) each shard is a task and every worker process builds the teacher once; with a local
+cluster and a CUDA device the stage runs in this process (one process per GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from lift3d.cluster import dask_client, run_tasks
+from lift3d.config import workdir as get_workdir
+from lift3d.stages import Group, diff_keys, groups
+from lift3d.store import GroupWriter, PartWriter, StoreError, group_state, open_group, stage_lock
+
+log = logging.getLogger("lift3d")
+
+SHARD_FRAMES = 64           # frames per part (proposed config key: teacher.shard_frames, default 64)
+QUEUE_DEPTH = 2             # batches in flight between the reader / model / writer threads
+SHARD_PREFIX = "shard-"
+FLIP_CONVENTION = ("*_flip arrays: the teacher's output on the horizontally flipped frame "
+                   "rgb[:, :, ::-1], in the flipped image's own cell grid (flip the last axis "
+                   "to align with the unflipped arrays)")
+ARRAYS = ("features", "soft_labels/prob", "soft_labels/index")
+FLIP_ARRAYS = ("features_flip", "soft_labels/prob_flip", "soft_labels/index_flip")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` (or null) -> ``cuda`` when available, else ``cpu``; anything else unchanged."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"teacher.device is {device!r} but torch sees no CUDA device "
+                           f"(torch {torch.__version__}); use teacher.device=auto or cpu")
+    return str(device)
+
+
+def shard_frames(tcfg: dict) -> int:
+    n = int(tcfg.get("shard_frames", SHARD_FRAMES))
+    if n < 1:
+        raise ValueError(f"teacher.shard_frames must be >= 1, got {n}")
+    return n
+
+
+def shard_name(i: int) -> str:
+    return f"{SHARD_PREFIX}{i:06d}"
+
+
+def shard_ranges(n_frames: int, size: int) -> list[tuple[str, int, int]]:
+    """(name, start, stop) per shard; an empty dataset gets one empty shard (so the committed
+    group still holds its (0, ...) arrays)."""
+    if n_frames == 0:
+        return [(shard_name(0), 0, 0)]
+    return [(shard_name(i), s, min(n_frames, s + size)) for i, s in enumerate(range(0, n_frames, size))]
+
+
+def templates(feat_shape, label_shape, k: int, flip: bool) -> dict:
+    """Array name -> (shape after N, dtype) for the parts and the final group."""
+    (c, h, w), (_, hs, ws) = feat_shape, label_shape
+    out = {"features": ((c, h, w), np.float16), "soft_labels/prob": ((k, hs, ws), np.float16),
+           "soft_labels/index": ((k, hs, ws), np.uint16)}
+    if flip:
+        out.update({"features_flip": out["features"], "soft_labels/prob_flip": out["soft_labels/prob"],
+                    "soft_labels/index_flip": out["soft_labels/index"]})
+    return out
+
+
+_CACHE: dict[tuple, object] = {}
+
+
+def get_teacher(tcfg: dict, device: str):
+    """Build the configured teacher once per process (a dask worker reuses it across shards)."""
+    from pipeline.teachers import build_teacher
+
+    size = tuple(tcfg["input_size"]) if tcfg.get("input_size") else None
+    key = (tcfg["name"], tcfg.get("weights"), size, device)
+    if key not in _CACHE:
+        t = build_teacher(tcfg["name"], weights=tcfg.get("weights"), input_size=size, device=device)
+        if device.startswith("cuda"):
+            t.module.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        _CACHE[key] = t
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+class _Stop(Exception):
+    pass
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> None:
+    while True:
+        if stop.is_set():
+            raise _Stop
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        if stop.is_set():
+            raise _Stop
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+
+
+def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_size: int, k: int,
+                   flip: bool, part_attrs: dict, progress=None) -> dict:
+    """Run ``teacher`` over the frames of ``shards`` (name, start, stop, part path) of the uint8
+    (N, H, W, 3) array ``rgb`` and write one done part per shard.
+
+    Three stages overlap: reader thread (Zarr -> host, pinned on the GPU) -> this thread (the
+    model, top-k, asynchronous copy back) -> writer thread (parts). Returns
+    {"frames": n, "seconds": wall time}.
+    """
+    device = teacher.device
+    cuda = device.type == "cuda"
+    feat_shape, label_shape = teacher.output_shapes()
+    k = min(int(k), label_shape[0])
+    tmpl = templates(feat_shape, label_shape, k, flip)
+    batches = []  # (shard position, start, stop, last batch of the shard)
+    for si, (_, a, b, _) in enumerate(shards):
+        for s in range(a, b, batch_size):
+            batches.append((si, s, min(b, s + batch_size), min(b, s + batch_size) == b))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    q_in: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+    q_out: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH + 1)
+
+    def reader():
+        try:
+            for si, a, b, last in batches:
+                x = torch.from_numpy(np.ascontiguousarray(rgb[a:b]))
+                if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
+                    raise ValueError(f"frames rgb rows {a}:{b}: expected uint8 (n, H, W, 3), got "
+                                     f"{x.dtype} {tuple(x.shape)}")
+                if cuda:
+                    x = x.pin_memory()
+                _put(q_in, (si, a, b, last, x), stop)
+            _put(q_in, None, stop)
+        except _Stop:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+            stop.set()
+
+    def writer():
+        pw, stats = None, None
+        try:
+            while True:
+                item = _get(q_out, stop)
+                if item is None:
+                    return
+                si, a, b, last, host, event = item
+                if event is not None:
+                    event.synchronize()  # the device -> pinned host copies have landed
+                arrays = {name: t.numpy() for name, t in host.items() if not name.startswith("_")}
+                for name in list(arrays):
+                    if name.startswith("soft_labels/index"):
+                        arrays[name] = arrays[name].astype(np.uint16)
+                lo = host["_leftover"].numpy()
+                name, s0, s1, path = shards[si]
+                if pw is None:  # the first batch of a shard: a fresh part (a not-done one is redone)
+                    pw = PartWriter(Path(path), chunk_rows={n: 1 for n in tmpl})
+                    stats = {"leftover_sum": 0.0, "leftover_max": 0.0, "leftover_cells": 0}
+                pw.append(**arrays)
+                pw.flush()
+                stats["leftover_sum"] += float(lo[0])
+                stats["leftover_max"] = max(stats["leftover_max"], float(lo[1]))
+                stats["leftover_cells"] += int(lo[2])
+                if last:
+                    pw.finish(tmpl, **part_attrs, shard=name, start=s0, stop=s1, **stats)
+                    pw = None
+                if progress is not None:
+                    progress(b - a)
+        except _Stop:
+            pass
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            stop.set()
+
+    # empty shards (an empty dataset) have no batches: write their parts here
+    for name, a, b, path in shards:
+        if a == b:
+            PartWriter(Path(path), chunk_rows={n: 1 for n in tmpl}).finish(
+                tmpl, **part_attrs, shard=name, start=a, stop=b,
+                leftover_sum=0.0, leftover_max=0.0, leftover_cells=0)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=reader, name="teacher-reader", daemon=True),
+               threading.Thread(target=writer, name="teacher-writer", daemon=True)]
+    for t in threads:
+        t.start()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    n = 0
+    try:
+        with torch.inference_mode():
+            while True:
+                item = _get(q_in, stop)
+                if item is None:
+                    break
+                si, a, b, last, x = item
+                x = x.to(device, non_blocking=True)
+                if flip:
+                    x = torch.cat([x, x.flip(2)])  # NHWC: axis 2 is the image's width
+                x = teacher.preprocess(x)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    feats, probs = teacher.forward(x)
+                v, i = torch.topk(probs, k, dim=1, largest=True, sorted=True)
+                left = (1.0 - v.sum(1)).clamp_min_(0.0)
+                dev = {"features": feats.to(torch.float16), "soft_labels/prob": v.to(torch.float16),
+                       "soft_labels/index": i.to(torch.int32),
+                       "_leftover": torch.stack([left.sum(dtype=torch.float64),
+                                                 left.max().to(torch.float64),
+                                                 torch.tensor(float(left.numel()), dtype=torch.float64,
+                                                              device=left.device)])}
+                if flip:
+                    m = b - a
+                    for name, fname in zip(ARRAYS, FLIP_ARRAYS):
+                        dev[fname], dev[name] = dev[name][m:], dev[name][:m]
+                if cuda:
+                    host = {}
+                    for name, t in dev.items():
+                        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                        h.copy_(t, non_blocking=True)
+                        host[name] = h
+                    event = torch.cuda.Event()
+                    event.record()
+                else:
+                    host, event = {name: t.contiguous() for name, t in dev.items()}, None
+                _put(q_out, (si, a, b, last, host, event), stop)
+                n += b - a
+            _put(q_out, None, stop)
+    except _Stop:
+        pass
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return {"frames": n, "seconds": time.perf_counter() - t0}
+
+
+def shards_task(tcfg: dict, device: str, frames_path: str, shards: list, part_attrs: dict,
+                torch_threads: int | None = None) -> dict:
+    """One dask task: the shards given, in a worker process (the teacher is built once there)."""
+    if torch_threads:
+        torch.set_num_threads(int(torch_threads))
+    teacher = get_teacher(tcfg, device)
+    rgb = zarr.open_group(frames_path, mode="r")["rgb"]
+    return process_shards(teacher, rgb, shards, int(tcfg["batch_size"]), int(tcfg["top_k"]),
+                          bool(tcfg.get("flip_pass")), part_attrs)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def run(cfg: dict) -> list[dict]:
+    """Run the teacher stage for every configured dataset; one summary row per dataset."""
+    wd = get_workdir(cfg)
+    wd.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with stage_lock(wd, "teacher"):
+        for g in groups(cfg, "teacher"):
+            rows.append(run_group(cfg, g, wd))
+    return rows
+
+
+def _part_ok(writer: GroupWriter, name: str, start: int, stop: int, part_attrs: dict) -> bool:
+    if not writer.part_done(name):
+        return False
+    a = zarr.open_group(str(writer.part_path(name)), mode="r").attrs
+    return (a.get("start") == start and a.get("stop") == stop
+            and all(a.get(key) == val for key, val in part_attrs.items()))
+
+
+def _row(name: str, teacher: str, status: str, attrs: dict, processed: int, ips: float,
+         seconds: float) -> dict:
+    lo = attrs.get("topk_leftover_mass", {})
+    bpf = attrs.get("bytes_per_frame", {})
+    return {"dataset": name, "teacher": teacher, "status": status, "frames": attrs.get("n_frames", 0),
+            "processed": processed, "images_per_s": ips,
+            "feature_bytes_per_frame": bpf.get("features", 0),
+            "soft_label_bytes_per_frame": bpf.get("soft_labels", 0),
+            "leftover_mean": lo.get("mean"), "leftover_max": lo.get("max"), "seconds": seconds}
+
+
+def run_group(cfg: dict, g: Group, wd: Path) -> dict:
+    tcfg = cfg["teacher"]
+    entry = g.config["dataset"]
+    frames = open_group(wd, "frames", g.upstream.path, expect_lineage=g.upstream.lineage_sha256)
+    writer = GroupWriter(wd, "teacher", g.path, g.config, upstream_sha256=g.upstream.config_sha256,
+                         upstream_lineage=g.upstream.lineage_sha256)
+    device = resolve_device(tcfg.get("device"))
+    cl = cfg["cluster"]
+    local_cuda = device.startswith("cuda") and not cl.get("scheduler") and not cl.get("jobqueue")
+    in_process = local_cuda or (int(cl.get("n_workers", 1)) == 0 and not cl.get("scheduler")
+                                and not cl.get("jobqueue"))
+    teacher = get_teacher(tcfg, device if in_process else "cpu")
+    old = group_state(wd, "teacher", g.path)
+    if writer.up_to_date() and old.get("weights_sha256") == teacher.weights_sha256:
+        log.info("teacher/%s: up to date (%d frames), nothing to do", g.path, old.get("n_frames", 0))
+        return _row(entry["name"], tcfg["name"], "up to date", old, 0, 0.0, 0.0)
+
+    t0 = time.perf_counter()
+    if old is not None:
+        if not old.get("complete"):
+            why = "not complete (an interrupted commit)"
+        elif old.get("lineage_sha256") != writer.lineage_sha256:
+            changed = diff_keys(old.get("config", {}), g.config)
+            why = ("made by another configuration (" + ", ".join(changed[:6]) + ")" if changed
+                   else "made from other frames (upstream lineage changed)")
+        else:
+            why = (f"made with other weights (sha256 {str(old.get('weights_sha256'))[:12]} != "
+                   f"{str(teacher.weights_sha256)[:12]})")
+        log.info("teacher/%s: %s; removing teacher.zarr/%s and rebuilding", g.path, why, g.path)
+        shutil.rmtree(writer.path)
+
+    rgb = frames["rgb"]
+    n_frames, h_img, w_img = int(rgb.shape[0]), int(rgb.shape[1]), int(rgb.shape[2])
+    size = shard_frames(tcfg)
+    flip = bool(tcfg.get("flip_pass"))
+    k_req = int(tcfg["top_k"])
+    if k_req < 1:
+        raise ValueError(f"teacher.top_k must be >= 1, got {k_req}")
+    feat_shape, label_shape = teacher.output_shapes()
+    k = min(k_req, label_shape[0])
+    part_attrs = {"weights_sha256": teacher.weights_sha256, "flip_pass": flip, "top_k": k}
+    writer.prepare_parts()
+    shards = shard_ranges(n_frames, size)
+    todo = [(name, a, b, str(writer.part_path(name))) for name, a, b in shards
+            if not _part_ok(writer, name, a, b, part_attrs)]
+    log.info("teacher/%s: %d frames %dx%d -> %s at %s on %s, %d shards of %d (%d already done)",
+             g.path, n_frames, h_img, w_img, tcfg["name"], list(teacher.input_size), device,
+             len(shards), size, len(shards) - len(todo))
+
+    processed, seconds = 0, 0.0
+    if todo:
+        frames_path = str(Path(wd) / "frames.zarr" / g.upstream.path)
+        if in_process:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(b - a for _, a, b, _ in todo), desc=f"teacher/{g.path}",
+                       unit="frame", dynamic_ncols=True, mininterval=0.5)
+            try:
+                res = process_shards(teacher, rgb, todo, int(tcfg["batch_size"]), k_req, flip,
+                                     part_attrs, progress=bar.update)
+            finally:
+                bar.close()
+            processed, seconds = res["frames"], res["seconds"]
+        else:
+            tasks = [(name, (tcfg, device, frames_path, [(name, a, b, p)], part_attrs,
+                             cl.get("threads_per_worker")))
+                     for name, a, b, p in todo]
+            t1 = time.perf_counter()
+            with dask_client(cl) as client:
+                res = run_tasks(client, shards_task, tasks, desc=f"teacher/{g.path}", unit="shard")
+            processed = sum(r["frames"] for r in res.values())
+            seconds = time.perf_counter() - t1
+
+    # the leftover mass over every shard (parts written now or by an earlier, killed run)
+    lo_sum, lo_max, cells = 0.0, 0.0, 0
+    for name, _, _ in shards:
+        a = zarr.open_group(str(writer.part_path(name)), mode="r").attrs
+        lo_sum += a["leftover_sum"]
+        lo_max = max(lo_max, a["leftover_max"])
+        cells += a["leftover_cells"]
+    c, h, w = feat_shape
+    _, hs, ws = label_shape
+    bpf = {"features": c * h * w * 2, "soft_labels": k * hs * ws * (2 + 2)}
+    if flip:
+        bpf = {key: 2 * v for key, v in bpf.items()}
+    attrs = {
+        **teacher.attrs(),
+        "normalisation": {"mean": list(teacher.mean), "std": list(teacher.std),
+                          "input": "RGB / 255, then (x - mean) / std",
+                          "resize": "whole stored frame, bilinear, align_corners=False, "
+                                    "antialiased when shrinking, no crop"},
+        "top_k": k, "flip_pass": flip, "flip_convention": FLIP_CONVENTION if flip else None,
+        "features_shape": list(feat_shape), "soft_labels_shape": [k, hs, ws],
+        "n_frames": n_frames, "stored_size": [h_img, w_img],
+        "frames_group": f"frames.zarr/{g.upstream.path}",
+        "device": device, "precision": "bf16 autocast" if device.startswith("cuda") else "float32",
+        "topk_leftover_mass": {"mean": lo_sum / cells if cells else 0.0, "max": lo_max},
+        "bytes_per_frame": bpf,
+        "shards": [name for name, _, _ in shards], "shard_frames": size,
+        # the frame scenes; GroupWriter.commit currently writes its part names under "scenes"
+        # after these attributes (see the report), so "shards" is the reliable part list
+        "scenes": list(frames.attrs.get("scenes", [])),
+    }
+    writer.commit([name for name, _, _ in shards], attrs=attrs)
+    final = group_state(wd, "teacher", g.path)
+    ips = processed * (2 if flip else 1) / seconds if seconds > 0 else 0.0
+    log.info("teacher/%s: wrote %d frames (%d processed now, %.1f images/s); top-%d leftover mass "
+             "mean %.4f max %.4f", g.path, n_frames, processed, ips, k,
+             final["topk_leftover_mass"]["mean"], final["topk_leftover_mass"]["max"])
+    return _row(entry["name"], tcfg["name"], "written", final, processed, ips,
+                time.perf_counter() - t0)
+
+
+__all__ = ["run", "run_group", "process_shards", "shards_task", "resolve_device", "shard_ranges",
+           "templates", "get_teacher", "SHARD_FRAMES", "StoreError"]
