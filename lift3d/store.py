@@ -181,11 +181,15 @@ class GroupWriter:
             ref = parts[0][n]
             shape = (totals[n],) + tuple(ref.shape[1:])
             ch = chunks.get(n) or (max(1, ref.chunks[0]),) + tuple(ref.shape[1:])
-            arr = group.create_array(n, shape=shape, chunks=ch, dtype=ref.dtype,
-                                     fill_value=0 if ref.dtype.kind != "f" else float("nan"))
+            arr = group.create_array(n, shape=shape, chunks=ch, dtype=ref.dtype, fill_value=ref.fill_value)
+            linkable = n != "scene_index" and all(_same_layout(p[n], arr) for p in parts)
             pos = 0
             for scene_i, p in enumerate(parts):
                 m = p[n].shape[0]
+                if linkable:  # encoded chunks carry over as they are: hard-link them, no re-encoding
+                    _link_chunks(Path(p.store.root) / p.path / n, self.path / n, pos, m, len(shape))
+                    pos += m
+                    continue
                 for start in range(0, m, COPY_ROWS):  # bounded memory per copy
                     stop = min(m, start + COPY_ROWS)
                     if n == "scene_index":
@@ -212,6 +216,37 @@ class GroupWriter:
         group.attrs.update({"complete": True})  # last: readers refuse the group until now
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return dict(skipped)
+
+
+def _same_layout(src: zarr.Array, dst: zarr.Array) -> bool:
+    """True when src's encoded chunks are valid chunks of dst: one row per chunk, same codecs."""
+    import json
+
+    if src.chunks[0] != 1 or tuple(src.chunks) != tuple(dst.chunks):
+        return False
+    meta_s = json.loads((Path(src.store.root) / src.path / "zarr.json").read_text())
+    meta_d = json.loads((Path(dst.store.root) / dst.path / "zarr.json").read_text())
+    keys = ("codecs", "fill_value", "data_type", "chunk_key_encoding")
+    return all(meta_s.get(k) == meta_d.get(k) for k in keys)
+
+
+def _link_chunks(src: Path, dst: Path, offset: int, rows: int, ndim: int) -> None:
+    """Place chunk j of ``src`` as chunk offset + j of ``dst`` (hard link; copy across devices).
+
+    Links leave the part intact, so a committer killed half-way can start again from the parts.
+    Chunks that were never written (all fill value) are absent in both.
+    """
+    tail = ["0"] * (ndim - 1)
+    for j in range(rows):
+        s = src.joinpath("c", str(j), *tail)
+        if not s.exists():
+            continue
+        d = dst.joinpath("c", str(offset + j), *tail)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copyfile(s, d)
 
 
 class PartWriter:
