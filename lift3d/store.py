@@ -211,7 +211,7 @@ class GroupWriter:
             "upstream_sha256": self.upstream_sha256,
             "lineage_sha256": self.lineage_sha256,
             "skipped": dict(sorted(skipped.items())),
-            "scenes": scenes,
+            "scenes": attrs.get("scenes", scenes),  # a stage whose parts are not scenes passes its own
         })
         group.attrs.update({"complete": True})  # last: readers refuse the group until now
         shutil.rmtree(self.parts_dir, ignore_errors=True)

@@ -77,7 +77,7 @@ def run_dataset(cfg: dict, entry: dict, wd: Path) -> dict:
         attrs = writer_attrs(writer)
         log.info("frames/%s: up to date (%d frames), nothing to do", entry["name"], attrs["n_frames"])
         return {"dataset": entry["name"], "status": "up to date", "frames": attrs["n_frames"],
-                "skipped": attrs.get("skipped", {}), "seconds": 0.0}
+                "skipped": attrs.get("skipped", {}), "seconds": 0.0, "task_seconds": 0.0, "commit_seconds": 0.0}
     t0 = time.perf_counter()
     reader = make_reader(entry, wd)
     reader.prepare()
@@ -93,12 +93,15 @@ def run_dataset(cfg: dict, entry: dict, wd: Path) -> dict:
     chunk = int(cfg["frames"]["chunk_frames"])
     tasks = [(s, (entry, str(wd), s, str(writer.part_path(s)), chunk)) for s in todo]
     with dask_client(cfg["cluster"]) as client:
-        run_tasks(client, scene_task, tasks, desc=f"frames/{entry['name']}")
+        results = run_tasks(client, scene_task, tasks, desc=f"frames/{entry['name']}")
+    t_commit = time.perf_counter()
     skipped = writer.commit(scenes, attrs={"stored_size": [h, w], "kind": entry["kind"]},
                             chunks={"rgb": (chunk, h, w, 3), "depth": (chunk, h, w)})
     n = writer_attrs(writer)["n_frames"]
+    done = time.perf_counter()
     return {"dataset": entry["name"], "status": "written", "frames": n, "skipped": skipped,
-            "seconds": time.perf_counter() - t0}
+            "seconds": done - t0, "task_seconds": sum(r["seconds"] for r in results.values()),
+            "commit_seconds": done - t_commit}
 
 
 def writer_attrs(writer: GroupWriter) -> dict:
