@@ -144,12 +144,15 @@ def check_dataset(entry, i: int) -> None:
     for key in ("name", "kind"):
         if key not in entry:
             raise ConfigError(f"{where}: missing required key {key!r}")
-    from pipeline.readers import KINDS, reader_class  # the readers own their extra keys
+    from pipeline.readers import KINDS, ReaderError, reader_class  # the readers own their extra keys
 
     if entry["kind"] not in KINDS:
         raise ConfigError(f"{where}.kind: unknown kind {entry['kind']!r}; valid kinds: {', '.join(KINDS)}")
     allowed = dict(DATASET_COMMON)
-    allowed.update(reader_class(entry["kind"]).extra_keys)
+    try:
+        allowed.update(reader_class(entry["kind"]).extra_keys)
+    except ReaderError as exc:
+        raise ConfigError(f"{where}.kind: {exc}") from None
     for key, val in entry.items():
         if key not in allowed:
             raise ConfigError(f"unknown key {where}.{key!r} for kind {entry['kind']!r}; valid keys: "

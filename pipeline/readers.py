@@ -15,6 +15,7 @@ naming the file and the problem.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -83,7 +84,13 @@ KINDS = {
 def reader_class(kind: str) -> type[BaseReader]:
     if kind not in KINDS:
         raise ReaderError(f"unknown dataset kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    return importlib.import_module(KINDS[kind]).Reader
+    try:
+        return importlib.import_module(KINDS[kind]).Reader
+    except ModuleNotFoundError as exc:
+        if exc.name != KINDS[kind]:
+            raise
+        raise ReaderError(f"dataset kind {kind!r} is not built yet in this version of lift3d "
+                          f"(built: {', '.join(k for k in KINDS if importlib.util.find_spec(KINDS[k]))})") from None
 
 
 def make_reader(entry: dict, workdir: Path) -> BaseReader:
