@@ -28,7 +28,7 @@ demo: install
 	bash scripts/demo.sh $(CFG)
 
 test: install
-	OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; OMP_NUM_THREADS=1 $(PY) $$b || exit 1; done

@@ -188,13 +188,16 @@ def test_network_forward_backward(name):
 
 
 def test_determinism_with_fixed_seed():
+    # exact with one OpenMP thread (tests/conftest.py); with more, MinkowskiEngine sums in
+    # another order and batch norm amplifies the last-bit differences
     coords, feats = random_sparse(seed=3)
     outs = []
     for _ in range(2):
         torch.manual_seed(123)
         net = build_model("Res16UNet14A", 3, 5)
+        init = {k: v.clone() for k, v in net.state_dict().items()}  # before BN statistics move
         out = net(ME.SparseTensor(feats, coordinates=coords))
-        outs.append((net.state_dict(), out.F.detach().clone()))
+        outs.append((init, out.F.detach().clone()))
     (sd_a, out_a), (sd_b, out_b) = outs
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert torch.equal(out_a, out_b)
