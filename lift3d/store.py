@@ -29,7 +29,7 @@ import zarr
 from lift3d.config import sha256_json
 
 SCHEMA_VERSION = 1
-COPY_ROWS = 256  # rows per block when the committer copies a part
+COPY_BYTES = 64 << 20  # bytes per block when the committer copies a part
 # which stage makes each store, for "missing input" messages
 MAKER = {"frames": "frames", "teacher": "teacher", "points": "points"}
 
@@ -190,8 +190,9 @@ class GroupWriter:
                     _link_chunks(Path(p.store.root) / p.path / n, self.path / n, pos, m, len(shape))
                     pos += m
                     continue
-                for start in range(0, m, COPY_ROWS):  # bounded memory per copy
-                    stop = min(m, start + COPY_ROWS)
+                step = max(1, COPY_BYTES // max(1, ref.dtype.itemsize * int(np.prod(ref.shape[1:]))))
+                for start in range(0, m, step):  # bounded memory per copy, few partial-chunk writes
+                    stop = min(m, start + step)
                     if n == "scene_index":
                         block = np.full(stop - start, scene_i, dtype=np.int32)
                     else:
