@@ -38,9 +38,10 @@ def write_ply(path, coords: np.ndarray, colors: np.ndarray, ascii: bool = False,
     with open(path, "wb") as fh:
         fh.write(("\n".join(head) + "\n").encode("ascii"))
         if ascii:
-            for (x, y, z), (r, g, b) in zip(coords.tolist(), colors.tolist()):
-                fh.write(f"{np.float32(x)!r} {np.float32(y)!r} {np.float32(z)!r} {r} {g} {b}\n"
-                         .replace("np.float32(", "").replace(")", "").encode("ascii"))
+            # %.9g round-trips float32 exactly
+            lines = [f"{x:.9g} {y:.9g} {z:.9g} {r} {g} {b}\n"
+                     for (x, y, z), (r, g, b) in zip(coords.tolist(), colors.tolist())]
+            fh.write("".join(lines).encode("ascii"))
         else:
             rec = np.empty(len(coords), PLY_DTYPE)
             rec["x"], rec["y"], rec["z"] = coords[:, 0], coords[:, 1], coords[:, 2]
@@ -173,7 +174,7 @@ def show(cfg: dict, dataset: str, frame: int, out_png, ply=None, ply_ascii: bool
         views.append((f"points, {tname} top class", splat(coords, class_colors(labels), rot, eye, k, (vh, vw), radius)))
 
     panels = 2 + len(views)
-    fig = Figure(figsize=(4.2 * panels, 4.2 * max(h / w, vh / vw) + 1.0), dpi=100)
+    fig = Figure(figsize=(4.2 * panels, 4.2 * max(h / w, vh / vw) + 0.8), dpi=100, layout="constrained")
     axes = fig.subplots(1, panels)
     axes[0].imshow(rgb)
     axes[0].set_title("RGB")
