@@ -1,0 +1,251 @@
+"""Streaming pretraining data over the stores: frames.zarr (poses), teacher.zarr (cached 2D
+features / soft labels) and points.zarr (lifted points with their pixels).
+
+Nothing here runs a 2D network, and no store is ever loaded whole: a frame is read as its own
+rows (points ``offsets[i]:offsets[i+1]``, ``features[i]``, ``soft_labels/*[i]``, ``pose[i]``).
+
+Order. Frames of every configured dataset form one global list. Each epoch (seeded by
+``seed`` and the epoch number) the list is cut into blocks of ``shuffle_block`` consecutive
+frames (which share Zarr chunks of the ragged points arrays), the blocks are permuted, groups of
+``shuffle_mix`` permuted blocks are pooled and shuffled frame-wise, and the stream is cut into
+batches (the last incomplete batch of an epoch is dropped). Batch b of the stream is a pure
+function of (seed, b): DataLoader workers take batches b = worker, worker + n_workers, ...
+(the DataLoader returns them round-robin, i.e. in stream order), and a resumed run starts at
+its step, so any number of workers and any kill/resume give the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zarr
+
+from lift3d.config import workdir as get_workdir
+from lift3d.stages import groups
+from lift3d.store import StoreError, open_group, store_path
+from train.augment import augment_points
+
+FRAMES = ("gravity", "camera", "world")
+METHODS = ("ppnce", "soft_ce", "ppkd")
+
+
+@dataclass
+class Source:
+    """One dataset's three verified groups (paths; opened lazily in each worker)."""
+    name: str
+    frames_path: str
+    teacher_path: str
+    points_path: str
+    n_frames: int
+    image_hw: tuple[int, int]
+    lineages: dict = field(default_factory=dict)
+    classes: int = 0
+
+
+def open_sources(cfg: dict) -> list[Source]:
+    """Verify the frames / teacher / points groups of every configured dataset.
+
+    Each group is opened with the lineage the current configuration expects
+    (:func:`lift3d.stages.groups`), so a missing, incomplete or stale cache is refused with a
+    message naming the stage to re-run; the three groups must agree on the frame count.
+    """
+    wd = get_workdir(cfg)
+    out = []
+    per_stage = {s: groups(cfg, s) for s in ("frames", "teacher", "points")}
+    for fg, tg, pg in zip(per_stage["frames"], per_stage["teacher"], per_stage["points"]):
+        fr = open_group(wd, fg.store, fg.path, fg.lineage_sha256)
+        te = open_group(wd, tg.store, tg.path, tg.lineage_sha256)
+        po = open_group(wd, pg.store, pg.path, pg.lineage_sha256)
+        n = int(fr["pose"].shape[0])
+        nt, npo = int(te["features"].shape[0]), int(po["offsets"].shape[0]) - 1
+        if nt != n or npo != n:
+            raise StoreError(f"dataset {fg.path}: frames has {n} frames, teacher {nt}, points {npo}; "
+                             f"re-run 'lift3d run teacher' and 'lift3d run points'")
+        H, W = (int(x) for x in fr["rgb"].shape[1:3])
+        classes = len(te.attrs.get("classes") or [])
+        out.append(Source(fg.path, str(store_path(wd, "frames") / fg.path),
+                          str(store_path(wd, "teacher") / tg.path), str(store_path(wd, "points") / pg.path),
+                          n, (H, W), {"frames": fg.lineage_sha256, "teacher": tg.lineage_sha256,
+                                      "points": pg.lineage_sha256}, classes))
+    if not out:
+        raise StoreError("no datasets configured")
+    return out
+
+
+def to_frame(coords: np.ndarray, pose: np.ndarray, frame: str) -> np.ndarray:
+    """Camera-frame points -> the training frame: ``camera`` as is, ``gravity`` rotated by the
+    pose's rotation (z up, camera at the origin), ``world`` the full camera-to-world pose."""
+    if frame == "camera":
+        return coords
+    R = pose[:3, :3].astype(np.float64)
+    out = coords.astype(np.float64) @ R.T
+    if frame == "world":
+        out = out + pose[:3, 3].astype(np.float64)
+    elif frame != "gravity":
+        raise ValueError(f"pretrain.frame must be one of {FRAMES}, got {frame!r}")
+    return out.astype(np.float32)
+
+
+def label_cells(pixels: np.ndarray, image_hw, cells_hw) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher cell covering each stored pixel (row, col): cell i covers pixel centre
+    (i + 0.5) H / h - 0.5, so pixel r falls in cell floor((r + 0.5) h / H)."""
+    H, W = image_hw
+    h, w = cells_hw
+    r = np.clip(((pixels[:, 0].astype(np.float64) + 0.5) * h / H).astype(np.int64), 0, h - 1)
+    c = np.clip(((pixels[:, 1].astype(np.float64) + 0.5) * w / W).astype(np.int64), 0, w - 1)
+    return r, c
+
+
+def epoch_order(n_total: int, seed: int, epoch: int, block: int, mix: int) -> np.ndarray:
+    """Chunk-aware shuffle of ``range(n_total)`` for one epoch (see the module docstring)."""
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    starts = np.arange(0, n_total, max(1, block))
+    perm = rng.permutation(len(starts))
+    order = []
+    for g in range(0, len(perm), max(1, mix)):
+        pool = np.concatenate([np.arange(s, min(s + block, n_total)) for s in starts[perm[g:g + mix]]])
+        order.append(rng.permutation(pool))
+    return np.concatenate(order) if order else np.zeros(0, np.int64)
+
+
+class PretrainStream(torch.utils.data.IterableDataset):
+    """Infinite stream of collated batches (use ``DataLoader(stream, batch_size=None)``).
+
+    ``start``: the first global batch index (the step a resumed run starts at).
+    """
+
+    def __init__(self, cfg: dict, sources: list[Source] | None = None, start: int = 0,
+                 stop: int | None = None, augment: bool = True):
+        super().__init__()
+        p = cfg["pretrain"]
+        self.sources = sources if sources is not None else open_sources(cfg)
+        self.method = p["method"]
+        if self.method not in METHODS:
+            raise ValueError(f"pretrain.method must be one of {METHODS}, got {self.method!r}")
+        self.frame = p.get("frame", "gravity")
+        if self.frame not in FRAMES:
+            raise ValueError(f"pretrain.frame must be one of {FRAMES}, got {self.frame!r}")
+        self.voxel = float(p["voxel_size"])
+        self.batch = int(p["batch_size"])
+        self.seed = int(p["seed"])
+        self.block = int(p.get("shuffle_block", 8))
+        self.mix = int(p.get("shuffle_mix", 4))
+        self.acfg = dict(p.get("augment") or {}) if augment else {"rotate_up": False, "scale": False,
+                                                                    "elastic": False}
+        self.color = augment and self.method in (self.acfg.get("color_methods") or [])
+        self.start, self.stop = int(start), stop
+        self.cum = np.cumsum([0] + [s.n_frames for s in self.sources])
+        self.n_total = int(self.cum[-1])
+        if self.n_total < self.batch:
+            raise StoreError(f"only {self.n_total} frames in the stores, fewer than pretrain.batch_size "
+                             f"{self.batch}")
+        self.per_epoch = self.n_total // self.batch
+        self._open = None
+
+    # -- reading ------------------------------------------------------------------------
+    def _groups(self):
+        if self._open is None:  # opened per process (workers), never pickled open
+            self._open = []
+            for s in self.sources:
+                po = zarr.open_group(s.points_path, mode="r")
+                self._open.append({"frames": zarr.open_group(s.frames_path, mode="r"),
+                                   "teacher": zarr.open_group(s.teacher_path, mode="r"),
+                                   "points": po, "offsets": po["offsets"][...]})
+        return self._open
+
+    def locate(self, g: int) -> tuple[int, int]:
+        d = int(np.searchsorted(self.cum, g, side="right") - 1)
+        return d, int(g - self.cum[d])
+
+    def read_frame(self, g: int) -> dict:
+        """One frame's rows from the three stores (camera-frame points)."""
+        d, i = self.locate(g)
+        grp = self._groups()[d]
+        a, b = int(grp["offsets"][i]), int(grp["offsets"][i + 1])
+        po, te = grp["points"], grp["teacher"]
+        out = {"dataset": d, "index": i, "image_hw": self.sources[d].image_hw,
+               "coords": po["coords"][a:b], "colors": po["colors"][a:b], "pixel": po["pixel"][a:b],
+               "pose": grp["frames"]["pose"][i]}
+        if self.method == "ppnce":
+            out["features"] = te["features"][i]
+        else:
+            out["prob"] = te["soft_labels/prob"][i]
+            out["index_k"] = te["soft_labels/index"][i]
+        return out
+
+    # -- batches ------------------------------------------------------------------------
+    def batch_frames(self, b: int) -> np.ndarray:
+        epoch, j = divmod(int(b), self.per_epoch)
+        order = epoch_order(self.n_total, self.seed, epoch, self.block, self.mix)
+        return order[j * self.batch:(j + 1) * self.batch]
+
+    def make_batch(self, b: int) -> dict:
+        rng = np.random.default_rng([self.seed, int(b), 0xA06])
+        frames = [self.read_frame(g) for g in self.batch_frames(b)]
+        for f in frames:
+            c = to_frame(f["coords"], f["pose"], self.frame)
+            f["coords"], f["colors"] = augment_points(c, f["colors"], self.frame, self.acfg, self.color, rng)
+        out = collate(frames, self.voxel, self.method)
+        out["step"] = int(b)
+        return out
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        b = self.start + wid
+        while self.stop is None or b < self.stop:
+            yield self.make_batch(b)
+            b += nw
+
+
+def collate(frames: list[dict], voxel_size: float, method: str) -> dict:
+    """Quantise each frame at ``voxel_size`` (one point per voxel, ME.utils.sparse_quantize)
+    and batch them for MinkowskiEngine.
+
+    Returns ``coords`` (M, 4) int32 (batch index first), ``feats`` (M, 3) colours in
+    [-0.5, 0.5], per voxel its source point's ``pixel`` (M, 2) and ``frame`` (M,) index in the
+    batch, ``image_hw`` per frame; for ppnce the frames' ``features`` (list of (C, h, w)
+    float16 tensors); for soft_ce / ppkd the top-k soft labels at each voxel's cell,
+    ``prob`` (M, k) and ``index_k`` (M, k).
+    """
+    import MinkowskiEngine as ME
+
+    qcoords, feats, pixels, fidx, probs, idxs = [], [], [], [], [], []
+    for bi, f in enumerate(frames):
+        q, keep, _inv = ME.utils.sparse_quantize(np.ascontiguousarray(f["coords"]), return_index=True,
+                                                 return_inverse=True, quantization_size=voxel_size)
+        keep = keep.numpy()
+        qcoords.append(q)
+        feats.append(torch.from_numpy(f["colors"][keep].astype(np.float32) / 255.0 - 0.5))
+        pix = f["pixel"][keep].astype(np.int64)
+        pixels.append(torch.from_numpy(pix))
+        fidx.append(torch.full((len(keep),), bi, dtype=torch.long))
+        if method != "ppnce":
+            k, hs, ws = f["prob"].shape
+            r, c = label_cells(pix, f["image_hw"], (hs, ws))
+            probs.append(torch.from_numpy(f["prob"][:, r, c].T.astype(np.float32)))
+            idxs.append(torch.from_numpy(f["index_k"][:, r, c].T.astype(np.int64)))
+    out = {"coords": ME.utils.batched_coordinates(qcoords, dtype=torch.int32),
+           "feats": torch.cat(feats), "pixel": torch.cat(pixels), "frame": torch.cat(fidx),
+           "image_hw": [tuple(f["image_hw"]) for f in frames],
+           "ids": [(int(f["dataset"]), int(f["index"])) for f in frames]}
+    if method == "ppnce":
+        out["features"] = [torch.from_numpy(np.ascontiguousarray(f["features"])) for f in frames]
+    else:
+        out["prob"], out["index_k"] = torch.cat(probs), torch.cat(idxs)
+    return out
+
+
+def loader(cfg: dict, sources: list[Source] | None = None, start: int = 0, stop: int | None = None,
+           num_workers: int | None = None, augment: bool = True) -> torch.utils.data.DataLoader:
+    """A DataLoader over :class:`PretrainStream` (batches already collated)."""
+    nw = int(cfg["pretrain"].get("num_workers", 0)) if num_workers is None else int(num_workers)
+    ds = PretrainStream(cfg, sources, start=start, stop=stop, augment=augment)
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
+                                       persistent_workers=False, prefetch_factor=2 if nw else None)
+
+
+__all__ = ["Source", "open_sources", "to_frame", "label_cells", "epoch_order", "PretrainStream",
+           "collate", "loader", "FRAMES", "METHODS"]

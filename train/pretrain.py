@@ -1,0 +1,386 @@
+"""Stage ``pretrain``: a sparse 3D U-Net learns from the cached 2D teacher, through the lifted
+points. The caches are the only input: no 2D network runs here.
+
+Methods (``pretrain.method``):
+
+- ``ppnce`` (PPKT): per step n_sub voxel-pixel pairs are drawn across the batch; the 3D
+  embedding f_i = ProjectionHead3D(F3D(voxel_i)) and the pixel embedding g_i = UPL(teacher
+  features of the voxel's frame) at its pixel give the InfoNCE loss
+  L = -(1/n) sum_i log(exp(f_i.g_i / tau) / sum_j exp(f_i.g_j / tau))  (train.losses.ppnce).
+- ``soft_ce`` (Data-Efficient 3D Learner): SegHead logits s_i against the renormalised top-k
+  soft labels t_i of the teacher cell covering the voxel's pixel,
+  L = -(1/n) sum_i sum_c t_ic log softmax(s_i)_c  (train.losses.soft_ce).
+- ``ppkd`` (PPKT's distillation baseline): L = tau^2 (1/n) sum_i KL(p_i || softmax(s_i / tau))
+  with the teacher's (renormalised top-k) probabilities p_i  (train.losses.ppkd).
+
+Runs go to ``<workdir>/runs/pretrain/<run_name>/`` (default name: method + 10 hex digits of the
+run's identity, the pretrain section minus bookkeeping keys plus the datasets and the teacher
+name): ``checkpoint.pt`` (latest, atomic), ``model.pt`` (final 3D network), ``metrics.csv``,
+``loss.png`` and ``run.json`` (config, upstream lineages, ``complete``). A killed run resumes
+from its checkpoint and ends with the same weights as an uninterrupted one (CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lift3d.config import sha256_json, workdir as get_workdir
+from lift3d.stages import groups
+from lift3d.store import StoreError, group_state
+from train.data import METHODS, loader, open_sources
+from train.heads import UPL, ProjectionHead3D, SegHead
+from train.losses import ppkd, ppnce, soft_ce, topk_to_dense
+from train.models import build_model
+
+log = logging.getLogger("lift3d")
+
+# keys that do not change what is learned (left out of the run's identity)
+BOOKKEEPING = ("num_workers", "checkpoint_every", "run_name", "log_every")
+
+
+# ----------------------------------------------------------------------------- identity
+
+def identity(cfg: dict) -> dict:
+    p = {k: v for k, v in cfg["pretrain"].items() if k not in BOOKKEEPING}
+    return {"pretrain": p, "datasets": cfg["datasets"], "teacher": cfg["teacher"]["name"]}
+
+
+def run_dir(cfg: dict) -> Path:
+    p = cfg["pretrain"]
+    name = p.get("run_name") or f"{p['method']}-{sha256_json(identity(cfg))[:10]}"
+    return get_workdir(cfg) / "runs" / "pretrain" / name
+
+
+def upstream_lineages(cfg: dict) -> dict:
+    """The lineage each upstream group must have under the current configuration."""
+    out = {}
+    for stage in ("frames", "teacher", "points"):
+        for g in groups(cfg, stage):
+            out[f"{g.store}.zarr/{g.path}"] = g.lineage_sha256
+    return out
+
+
+def status(cfg: dict) -> tuple[str, list[str]]:
+    """done when the run folder of the current identity is complete and was trained on the
+    current caches; otherwise out of date (or missing) with the reasons."""
+    wd, d = get_workdir(cfg), run_dir(cfg)
+    where = f"runs/pretrain/{d.name}"
+    reasons = []
+    for key, lin in upstream_lineages(cfg).items():
+        store, path = key.split(".zarr/", 1)
+        attrs = group_state(wd, store, path)
+        if attrs is None or not attrs.get("complete"):
+            reasons.append(f"{key} is missing or incomplete: run 'lift3d run {store}'")
+        elif attrs.get("lineage_sha256") != lin:
+            reasons.append(f"{key} is out of date: run 'lift3d run {store}'")
+    info = _read_json(d / "run.json")
+    if info is None:
+        return ("missing" if not d.exists() else "out of date"), reasons + [f"{where} has not been run"]
+    if not info.get("complete"):
+        return "out of date", reasons + [f"{where} is incomplete (step {info.get('step', '?')})"]
+    if info.get("upstream") != upstream_lineages(cfg):
+        return "out of date", reasons + [f"{where} was trained on other caches (upstream changed)"]
+    if reasons:
+        return "out of date", reasons
+    return "done", [f"{where} complete ({info.get('steps')} steps)"]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_json(path: Path, obj) -> None:
+    _write_atomic(path, lambda t: t.write_text(json.dumps(obj, indent=1, sort_keys=True)))
+
+
+# ----------------------------------------------------------------------------- model
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Learner(torch.nn.Module):
+    """The 3D network plus the method's heads (what the optimiser trains)."""
+
+    def __init__(self, p: dict, teacher_channels: int, num_classes: int):
+        super().__init__()
+        self.method = p["method"]
+        self.net = build_model(p["model"], 3, int(p["feature_dim"]))
+        if self.method == "ppnce":
+            self.head3d = ProjectionHead3D(int(p["feature_dim"]), int(p["proj_dim"]))
+            self.upl = UPL(teacher_channels, int(p["proj_dim"]))
+        else:
+            if num_classes <= 0:
+                raise StoreError("the teacher group lists no classes: soft labels need the attribute 'classes'")
+            self.seg = SegHead(int(p["feature_dim"]), num_classes)
+        self.num_classes = num_classes
+
+
+def sparse_input(batch: dict, device: torch.device):
+    import MinkowskiEngine as ME
+
+    return ME.SparseTensor(batch["feats"].to(device), coordinates=batch["coords"].to(device))
+
+
+def compute_loss(learner: Learner, batch: dict, p: dict, device: torch.device, step: int,
+                 amp: bool = False) -> torch.Tensor:
+    """The method's loss on one collated batch (see the module docstring)."""
+    out = learner.net(sparse_input(batch, device))
+    feats = out.F  # rows in the order of batch["coords"] (one per input voxel)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    with ctx:
+        if learner.method == "ppnce":
+            m = feats.shape[0]
+            n = min(int(p["n_sub"]), m)
+            gen = torch.Generator().manual_seed(int(p["seed"]) * 1_000_003 + int(step))
+            sel = torch.randperm(m, generator=gen)[:n]
+            z3d = learner.head3d(feats[sel.to(device)])
+            frame, pix = batch["frame"][sel], batch["pixel"][sel]
+            z2d = torch.empty_like(z3d)
+            # one UPL.sample per (map shape, image size) group of frames in the batch
+            keys = [(tuple(f.shape), tuple(hw)) for f, hw in zip(batch["features"], batch["image_hw"])]
+            for key in sorted(set(keys)):
+                members = [i for i, k in enumerate(keys) if k == key]
+                maps = torch.stack([batch["features"][i] for i in members]).to(device)
+                remap = torch.full((len(keys),), -1, dtype=torch.long)
+                remap[members] = torch.arange(len(members))
+                rows = remap[frame] >= 0
+                if rows.any():
+                    z2d[rows.to(device)] = learner.upl.sample(maps, remap[frame[rows]].to(device),
+                                                              pix[rows].to(device), key[1]).to(z2d.dtype)
+            loss = ppnce(z3d.float(), z2d.float(), float(p["temperature"]))
+        else:
+            logits = learner.seg(feats).float()
+            target = topk_to_dense(batch["prob"].to(device), batch["index_k"].to(device), learner.num_classes)
+            if learner.method == "soft_ce":
+                loss = soft_ce(logits, target)
+            else:
+                loss = ppkd(logits, target, float(p.get("kd_temperature", 1.0)), teacher_is_prob=True)
+    return loss
+
+
+def lr_at(p: dict, step: int) -> float:
+    """Learning rate of ``step`` (0-based): cosine to 0, poly (power 0.9), or constant."""
+    base, total = float(p["lr"]), max(1, int(p["iterations"]))
+    t = min(step, total) / total
+    sched = p.get("schedule", "cosine")
+    if sched == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * t))
+    if sched == "poly":
+        return base * (1.0 - t) ** 0.9
+    if sched == "constant":
+        return base
+    raise ValueError(f"pretrain.schedule must be cosine, poly or constant, got {sched!r}")
+
+
+def make_optimizer(p: dict, params) -> torch.optim.Optimizer:
+    if p["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=float(p["lr"]), momentum=float(p.get("momentum", 0.9)),
+                               weight_decay=float(p.get("weight_decay", 0.0)))
+    if p["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=float(p["lr"]), weight_decay=float(p.get("weight_decay", 0.0)))
+    raise ValueError(f"pretrain.optimizer must be sgd or adam, got {p['optimizer']!r}")
+
+
+def build(cfg: dict, sources) -> tuple[Learner, torch.optim.Optimizer]:
+    p = cfg["pretrain"]
+    if p["method"] not in METHODS:
+        raise ValueError(f"pretrain.method must be one of {METHODS}, got {p['method']!r}")
+    channels, classes = set(), set()
+    for s in sources:
+        import zarr
+
+        te = zarr.open_group(s.teacher_path, mode="r")
+        channels.add(int(te["features"].shape[1]))
+        classes.add(s.classes)
+    if len(channels) > 1 or len(classes) > 1:
+        raise StoreError(f"datasets disagree on the teacher's channels {channels} / classes {classes}")
+    torch.manual_seed(int(p["seed"]))
+    learner = Learner(p, channels.pop(), classes.pop())
+    return learner, make_optimizer(p, learner.parameters())
+
+
+# ----------------------------------------------------------------------------- run
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(path: Path, learner: Learner, opt, step: int, upstream: dict, ident: str) -> None:
+    state = {"step": step, "model": learner.net.state_dict(),
+             "heads": {k: v for k, v in learner.state_dict().items() if not k.startswith("net.")},
+             "optimizer": opt.state_dict(), "rng": _rng_state(), "upstream": upstream, "identity": ident}
+    _write_atomic(path, lambda t: torch.save(state, t))
+
+
+def load_checkpoint(path: Path, learner: Learner, opt, upstream: dict, ident: str) -> int:
+    """Restore a checkpoint of this identity and these caches; 0 when there is none."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("upstream") != upstream or state.get("identity") != ident:
+        log.info("pretrain: %s is from other caches or settings; starting over", path)
+        return 0
+    learner.load_state_dict({**{f"net.{k}": v for k, v in state["model"].items()}, **state["heads"]})
+    opt.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _metrics_rows(path: Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if int(r["step"]) <= upto]
+
+
+def plot_loss(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [int(r["step"]) for r in rows]
+    loss = np.array([float(r["loss"]) for r in rows])
+    ax.plot(steps, loss, lw=0.8, alpha=0.5, label="loss")
+    if len(loss) >= 10:
+        k = 10
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.5, label="mean of 10")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    _write_atomic(path, lambda t: fig.savefig(t, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def train(cfg: dict, stop_at: int | None = None) -> dict:
+    """Train (or resume) the run of the current configuration. ``stop_at`` ends the process
+    after that many total steps without completing the run (tests use it as a 'kill')."""
+    p = cfg["pretrain"]
+    sources = open_sources(cfg)  # refuses missing / incomplete / stale caches
+    upstream = upstream_lineages(cfg)
+    ident = sha256_json(identity(cfg))
+    d = run_dir(cfg)
+    info = _read_json(d / "run.json")
+    if info and info.get("complete") and info.get("upstream") == upstream:
+        log.info("pretrain: %s is complete and up to date, nothing to do", d)
+        rows = _metrics_rows(d / "metrics.csv", 1 << 62)
+        return _summary(p, rows, d, 0.0, 0, "up to date")
+    if info and info.get("upstream") != upstream and d.exists():
+        log.info("pretrain: %s was trained on other caches; starting over", d)
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+
+    device = resolve_device(p.get("device"))
+    amp = bool(p.get("amp", True)) and device.type == "cuda"
+    np.random.seed(int(p["seed"]) % (2 ** 32))
+    learner, opt = build(cfg, sources)
+    learner.to(device)
+    total = int(p["iterations"])
+    start = load_checkpoint(d / "checkpoint.pt", learner, opt, upstream, ident)
+    rows = _metrics_rows(d / "metrics.csv", start - 1)
+    _save_json(d / "run.json", {"config": cfg, "identity_sha256": ident, "upstream": upstream,
+                                "complete": False, "step": start, "steps": total})
+    end = total if stop_at is None else min(total, int(stop_at))
+    every = max(1, int(p.get("checkpoint_every", 50)))
+    clip = float(p.get("grad_clip", 0.0))
+    learner.train()
+    t0 = time.perf_counter()
+    fh = open(d / "metrics.csv", "w", newline="")
+    writer = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "time"])
+    writer.writeheader()
+    writer.writerows(rows)
+    fh.flush()
+    step = start
+    try:
+        if start < end:
+            for batch in loader(cfg, sources, start=start, stop=end):
+                step = int(batch["step"])
+                lr = lr_at(p, step)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                loss = compute_loss(learner, batch, p, device, step, amp)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"pretrain: loss is {loss.item()} at step {step}")
+                loss.backward()
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(learner.parameters(), clip)
+                opt.step()
+                row = {"step": step, "loss": f"{loss.item():.6f}", "lr": f"{lr:.6g}",
+                       "time": f"{time.perf_counter() - t0:.3f}"}
+                writer.writerow(row)
+                rows.append(row)
+                step += 1
+                if step % every == 0 or step == end:
+                    fh.flush()
+                    save_checkpoint(d / "checkpoint.pt", learner, opt, step, upstream, ident)
+                    _save_json(d / "run.json", {"config": cfg, "identity_sha256": ident, "upstream": upstream,
+                                                "complete": False, "step": step, "steps": total})
+    finally:
+        fh.close()
+    seconds = time.perf_counter() - t0
+    if step < total:
+        return _summary(p, rows, d, seconds, step - start, "stopped")
+    torch.save({"model": learner.net.state_dict(), "model_name": p["model"], "in_channels": 3,
+                "out_channels": int(p["feature_dim"]), "method": p["method"], "steps": total},
+               d / "model.pt.tmp")
+    os.replace(d / "model.pt.tmp", d / "model.pt")
+    if rows:
+        plot_loss(rows, d / "loss.png", f"pretrain {p['method']} ({p['model']})")
+    _save_json(d / "run.json", {"config": cfg, "identity_sha256": ident, "upstream": upstream,
+                                "complete": True, "step": total, "steps": total})
+    return _summary(p, rows, d, seconds, step - start, "trained")
+
+
+def _summary(p: dict, rows: list[dict], d: Path, seconds: float, steps_now: int, status_: str) -> dict:
+    last = [float(r["loss"]) for r in rows[-10:]]
+    return {"method": p["method"], "status": status_, "steps": len(rows),
+            "final_loss": round(float(np.mean(last)), 4) if last else None,
+            "seconds": round(seconds, 2), "steps_per_s": round(steps_now / seconds, 3) if seconds > 0 else 0.0,
+            "run_dir": str(d)}
+
+
+def run(cfg: dict) -> list[dict]:
+    """Run the pretrain stage; one summary row."""
+    return [train(cfg)]
+
+
+__all__ = ["run", "status", "train", "run_dir", "identity", "compute_loss", "Learner", "build",
+           "lr_at", "upstream_lineages"]
