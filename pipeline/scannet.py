@@ -1,80 +1,69 @@
 """ScanNet raw scans: ``<root>/scans/<scene>/<scene>.sens`` read directly (no export step).
 
-The ``.sens`` container (version 4; ScanNet's SensorData format): a header (sensor name,
-colour/depth intrinsics and extrinsics as 4x4 float32, compression types, colour and depth
-sizes, depth shift, frame count) followed, per frame, by a 4x4 camera-to-world pose, two
-timestamps, the colour bytes (JPEG) and the depth bytes (zlib of uint16). Colour (1296x968
-in ScanNet) is resized to the depth grid (640x480) and the *depth* intrinsics are used.
-Frames that are not kept are never decoded: the reader seeks past them.
+The container layout is in ``pipeline/sens_format.py``. Colour (1296x968 in ScanNet) is
+brought onto the depth grid (640x480) and the *depth* intrinsics are used: the JPEG is decoded
+at 1/2 (or 1/4) size by libjpeg when it is at least ~2x (4x) the stored size, then one
+bilinear ``warpAffine`` maps it through the colour intrinsics onto the stored grid (the colour
+and depth cameras of ScanNet differ slightly in focal length and principal point; the map
+pixel -> ray (stored K) -> colour pixel (colour K) is affine). ``color_align: resize`` uses a
+plain resize instead. Frames that are not kept are never decoded: the reader seeks past them.
 """
 
 from __future__ import annotations
 
-import struct
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import cv2
 import numpy as np
 
+from pipeline.reader_common import (entry_image_size, read_split, resize_depth, scale_intrinsics,
+                                    select_split, shrink_interpolation)
 from pipeline.readers import BaseReader, Frame, ReaderError, Skip
+from pipeline.sens_format import (COLOR_JPEG, COLOR_PNG, COLOR_RAW, DEPTH_RAW, DEPTH_ZLIB, SensHeader,
+                                  iter_frames, read_header)
 
-COLOR_JPEG, DEPTH_ZLIB_USHORT = 2, 1
-_FRAME_HEAD = struct.Struct("<64sQQQQ")  # pose (16 float32), ts colour, ts depth, colour bytes, depth bytes
-
-
-class SensHeader:
-    def __init__(self, f: BinaryIO, path: Path):
-        def read(n: int) -> bytes:
-            b = f.read(n)
-            if len(b) != n:
-                raise ReaderError(f"{path}: truncated .sens header (file ends at byte {f.tell()})")
-            return b
-
-        (version,) = struct.unpack("<I", read(4))
-        if version != 4:
-            raise ReaderError(f"{path}: .sens version {version}, this reader reads version 4")
-        (name_len,) = struct.unpack("<Q", read(8))
-        if name_len > 4096:
-            raise ReaderError(f"{path}: corrupt .sens header (sensor name length {name_len})")
-        self.sensor_name = read(name_len).decode("utf-8", "replace")
-        mats = np.frombuffer(read(4 * 64), dtype="<f4").reshape(4, 4, 4)
-        self.color_intrinsics, self.color_extrinsics, self.depth_intrinsics, self.depth_extrinsics = mats
-        self.color_compression, self.depth_compression = struct.unpack("<ii", read(8))
-        self.color_width, self.color_height, self.depth_width, self.depth_height = struct.unpack("<IIII", read(16))
-        (self.depth_shift,) = struct.unpack("<f", read(4))
-        (self.num_frames,) = struct.unpack("<Q", read(8))
-        if self.color_compression != COLOR_JPEG or self.depth_compression != DEPTH_ZLIB_USHORT:
-            raise ReaderError(f"{path}: compression colour={self.color_compression} depth={self.depth_compression}; "
-                              f"this reader handles JPEG colour (2) and zlib depth (1)")
-        if not (self.depth_width and self.depth_height and self.color_width and self.color_height):
-            raise ReaderError(f"{path}: zero image size in header")
-        if not self.depth_shift > 0:
-            raise ReaderError(f"{path}: depth shift {self.depth_shift} must be positive")
-        k = self.depth_intrinsics
-        if not (np.isfinite(k[:2, :3]).all() and k[0, 0] > 0 and k[1, 1] > 0):
-            raise ReaderError(f"{path}: missing or invalid depth intrinsics {k[0, 0]}, {k[1, 1]}, {k[0, 2]}, {k[1, 2]}")
+__all__ = ["Reader", "SensHeader", "scale_intrinsics", "read_split", "color_warp"]
 
 
-def scale_intrinsics(fx: float, fy: float, cx: float, cy: float, src_hw, dst_hw) -> np.ndarray:
-    """Intrinsics for a resize src -> dst with integer coordinates at pixel centres."""
-    sy, sx = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
-    return np.array([fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5], np.float32)
+def _k(m: np.ndarray) -> tuple[float, float, float, float]:
+    return float(m[0, 0]), float(m[1, 1]), float(m[0, 2]), float(m[1, 2])
 
 
-def read_split(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ReaderError(f"split file {path} not found (needed for split={path.stem.split('_')[-1]!r}); "
-                          f"use split: all or add the file")
-    return sorted({line.strip() for line in path.read_text().splitlines() if line.strip()})
+def _valid_k(k) -> bool:
+    return bool(np.isfinite(k).all() and k[0] > 0 and k[1] > 0)
+
+
+def color_warp(color_k, stored_k, reduce: int) -> np.ndarray:
+    """2x3 affine map: stored pixel (x, y) -> pixel of the colour image decoded at 1/reduce size.
+
+    x_c = fx_c (x - cx_s) / fx_s + cx_c in full colour pixels; a 1/s decode's pixel i covers full
+    pixels s i .. s i + s - 1, so x_r = (x_c + 0.5) / s - 0.5 (same for y).
+    """
+    fxc, fyc, cxc, cyc = color_k
+    fxs, fys, cxs, cys = stored_k
+    ax, ay = fxc / fxs, fyc / fys
+    bx, by = cxc - ax * cxs, cyc - ay * cys
+    s = float(reduce)
+    return np.array([[ax / s, 0.0, (bx + 0.5) / s - 0.5], [0.0, ay / s, (by + 0.5) / s - 0.5]], np.float64)
 
 
 class Reader(BaseReader):
     kind = "scannet"
-    extra_keys = {}
+    extra_keys = {"color_align": str}
+
+    def __init__(self, entry: dict, workdir: Path):
+        super().__init__(entry, workdir)
+        self._size: tuple[int, int] | None = None
+        self.color_align = entry.get("color_align") or "intrinsics"
+        if self.color_align not in ("intrinsics", "resize"):
+            raise ReaderError(f"dataset {entry.get('name')!r}: color_align must be 'intrinsics' or 'resize', "
+                              f"got {self.color_align!r}")
 
     def scans_dir(self) -> Path:
+        if self.root is None:
+            raise ReaderError(f"dataset {self.entry.get('name')!r}: no root given")
         return self.root / "scans"
 
     def sens_path(self, scene: str) -> Path:
@@ -86,31 +75,42 @@ class Reader(BaseReader):
             raise ReaderError(f"{d}: not a folder (expected <root>/scans/<scene>/<scene>.sens)")
         found = sorted(p.name for p in d.iterdir() if (p / f"{p.name}.sens").is_file())
         split = self.entry.get("split", "all")
-        if split == "all":
-            return found
-        wanted = read_split(self.root / f"scannetv2_{split}.txt")
-        missing = sorted(set(wanted) - set(found))
-        if missing and len(missing) == len(wanted):
-            raise ReaderError(f"{self.root}: none of the {len(wanted)} scenes of split {split!r} has a .sens file")
-        return [s for s in found if s in set(wanted)]
+        out = select_split(found, d, split, self.root / f"scannetv2_{split}.txt")
+        if not out:
+            raise ReaderError(f"{d}: no scenes (no <scene>/<scene>.sens found for split {split!r})")
+        return out
 
     def header(self, scene: str) -> SensHeader:
         path = self.sens_path(scene)
         try:
             with open(path, "rb") as f:
-                return SensHeader(f, path)
+                return read_header(f, path)
         except OSError as exc:
-            raise ReaderError(f"{path}: cannot read: {exc}") from None
+            raise ReaderError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
     def stored_size(self) -> tuple[int, int]:
-        if self.entry.get("image_size"):
-            h, w = self.entry["image_size"]
-            return int(h), int(w)
-        scenes = self.scenes()
-        if not scenes:
-            raise ReaderError(f"{self.scans_dir()}: no scenes")
-        hd = self.header(scenes[0])
-        return hd.depth_height, hd.depth_width
+        if self._size is None:
+            size = entry_image_size(self.entry)
+            if size is None:
+                hd = self.header(self.scenes()[0])
+                size = (hd.depth_height, hd.depth_width)
+            self._size = size
+        return self._size
+
+    def _check(self, hd: SensHeader, path: Path) -> None:
+        if hd.color_compression not in (COLOR_RAW, COLOR_PNG, COLOR_JPEG):
+            raise ReaderError(f"{path}: colour compression {hd.color_compression} is not raw (0), PNG (1) or JPEG (2)")
+        if hd.depth_compression not in (DEPTH_RAW, DEPTH_ZLIB):
+            raise ReaderError(f"{path}: depth compression {hd.depth_compression} is not raw (0) or zlib (1)")
+        if not (hd.depth_width and hd.depth_height and hd.color_width and hd.color_height):
+            raise ReaderError(f"{path}: zero image size in header")
+        if not hd.depth_shift > 0:
+            raise ReaderError(f"{path}: depth shift {hd.depth_shift} must be positive")
+        if not _valid_k(np.array(_k(hd.depth_intrinsics))):
+            raise ReaderError(f"{path}: missing or invalid depth intrinsics {_k(hd.depth_intrinsics)}")
+        if self.color_align == "intrinsics" and not _valid_k(np.array(_k(hd.color_intrinsics))):
+            raise ReaderError(f"{path}: missing or invalid colour intrinsics {_k(hd.color_intrinsics)} "
+                              f"(set color_align: resize to align colour by a plain resize)")
 
     def frames(self, scene: str, frame_skip: int) -> Iterator[Frame | Skip]:
         path = self.sens_path(scene)
@@ -118,53 +118,69 @@ class Reader(BaseReader):
         try:
             f = open(path, "rb")
         except OSError as exc:
-            raise ReaderError(f"{path}: cannot read: {exc}") from None
+            raise ReaderError(f"{path}: cannot read: {exc.strerror or exc}") from None
         with f:
-            hd = SensHeader(f, path)
-            dh, dw = hd.depth_height, hd.depth_width
-            k = hd.depth_intrinsics
-            intr = scale_intrinsics(k[0, 0], k[1, 1], k[0, 2], k[1, 2], (dh, dw), (out_h, out_w))
-            reduce = hd.color_width >= 2 * dw and hd.color_height >= 2 * dh
+            hd = read_header(f, path)
+            self._check(hd, path)
+            dh, dw, ch, cw = hd.depth_height, hd.depth_width, hd.color_height, hd.color_width
+            intr = scale_intrinsics(*_k(hd.depth_intrinsics), (dh, dw), (out_h, out_w))
+            # libjpeg's scaled decode (1/2, 1/4) when the colour is at least ~2x / ~4x the stored size
+            ratio = min(cw / out_w, ch / out_h)
+            reduce = 4 if ratio >= 3.8 else 2 if ratio >= 1.9 else 1
+            if hd.color_compression != COLOR_JPEG:
+                reduce = 1
+            flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}[reduce]
+            dec_hw = (-(-ch // reduce), -(-cw // reduce))
+            warp = color_warp(_k(hd.color_intrinsics), intr, reduce) if self.color_align == "intrinsics" else None
+            resize_interp = shrink_interpolation(dec_hw, (out_h, out_w))
+            # a bilinear warp would alias when still shrinking > 1.5x: INTER_AREA to ~the stored size first
+            pre_hw = None
+            if warp is not None and resize_interp == cv2.INTER_AREA:
+                pre_hw = (out_h, out_w)
+                sy, sx = pre_hw[0] / dec_hw[0], pre_hw[1] / dec_hw[1]
+                warp = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5]]) @ np.vstack([warp, [0, 0, 1]])
             depth_scale = 1000.0 / hd.depth_shift
-            for i in range(hd.num_frames):
-                head = f.read(_FRAME_HEAD.size)
-                if len(head) != _FRAME_HEAD.size:
-                    raise ReaderError(f"{path}: truncated at frame {i} of {hd.num_frames} (frame header)")
-                pose_b, _, _, csize, dsize = _FRAME_HEAD.unpack(head)
-                if i % frame_skip:
-                    f.seek(csize + dsize, 1)
-                    continue
-                pose = np.frombuffer(pose_b, dtype="<f4").reshape(4, 4)
-                if not np.isfinite(pose).all():
-                    f.seek(csize + dsize, 1)
+            n_depth = dh * dw * 2
+            for i, pose, cb, db in iter_frames(f, path, hd, lambda j: j % frame_skip == 0):
+                if cb is None:
                     yield Skip(i, "nonfinite_pose")
                     continue
-                cbytes, dbytes = f.read(csize), f.read(dsize)
-                if len(cbytes) != csize or len(dbytes) != dsize:
-                    raise ReaderError(f"{path}: truncated at frame {i} of {hd.num_frames} (image data)")
-                try:
-                    raw = zlib.decompress(dbytes)
-                except zlib.error:
-                    yield Skip(i, "corrupt_frame")
-                    continue
-                if len(raw) != dh * dw * 2:
-                    raise ReaderError(f"{path}: frame {i} depth has {len(raw)} bytes, header says {dw}x{dh} uint16")
+                if hd.depth_compression == DEPTH_ZLIB:
+                    try:
+                        raw = zlib.decompress(db)
+                    except zlib.error:
+                        yield Skip(i, "corrupt_frame")
+                        continue
+                else:
+                    raw = db
+                if len(raw) != n_depth:
+                    raise ReaderError(f"{path}: frame {i} depth has {len(raw)} bytes, header says {dw}x{dh} uint16 "
+                                      f"({n_depth} bytes)")
                 depth = np.frombuffer(raw, dtype="<u2").reshape(dh, dw)
                 if not depth.any():
                     yield Skip(i, "empty_depth")
                     continue
-                bgr = cv2.imdecode(np.frombuffer(cbytes, np.uint8),
-                                   cv2.IMREAD_REDUCED_COLOR_2 if reduce else cv2.IMREAD_COLOR)
-                if bgr is None:
-                    yield Skip(i, "corrupt_frame")
-                    continue
+                if hd.color_compression == COLOR_RAW:
+                    if len(cb) != ch * cw * 3:
+                        raise ReaderError(f"{path}: frame {i} raw colour has {len(cb)} bytes, header says {cw}x{ch}x3")
+                    bgr = np.frombuffer(cb, np.uint8).reshape(ch, cw, 3)[..., ::-1]
+                else:
+                    bgr = cv2.imdecode(np.frombuffer(cb, np.uint8), flag)
+                    if bgr is None:
+                        yield Skip(i, "corrupt_frame")
+                        continue
+                    if bgr.shape[:2] != dec_hw:
+                        raise ReaderError(f"{path}: frame {i} colour image is {bgr.shape[1] * reduce}x"
+                                          f"{bgr.shape[0] * reduce}, header says {cw}x{ch}")
                 if depth_scale != 1.0:
                     depth = np.clip(np.rint(depth * depth_scale), 0, 65535).astype(np.uint16)
-                if (dh, dw) != (out_h, out_w):
-                    depth = cv2.resize(depth, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
-                if bgr.shape[:2] != (out_h, out_w):
-                    # INTER_AREA averages when shrinking (no aliasing); LINEAR when enlarging
-                    shrink = bgr.shape[0] > out_h
-                    bgr = cv2.resize(bgr, (out_w, out_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                depth = resize_depth(depth, (out_h, out_w))
+                if pre_hw is not None:
+                    bgr = cv2.resize(bgr, (pre_hw[1], pre_hw[0]), interpolation=cv2.INTER_AREA)
+                if warp is not None:
+                    bgr = cv2.warpAffine(bgr, warp, (out_w, out_h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                         borderMode=cv2.BORDER_REPLICATE)
+                elif bgr.shape[:2] != (out_h, out_w):
+                    bgr = cv2.resize(bgr, (out_w, out_h), interpolation=resize_interp)
+                rgb = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2RGB)
                 yield Frame(i, rgb, np.ascontiguousarray(depth), intr, pose.astype(np.float32))

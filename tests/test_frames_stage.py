@@ -1,5 +1,7 @@
 """The frames stage end to end on the synthetic dataset (ScanNet's raw format)."""
 
+import struct
+
 import numpy as np
 import pytest
 import zarr
@@ -55,8 +57,11 @@ def test_store_matches_the_raw_files(clean_run):
     assert got["rgb"].dtype == np.uint8 and got["depth"].dtype == np.uint16
     assert got["intrinsics"].dtype == np.float32 and got["pose"].dtype == np.float32
     assert got["projection"].tolist() == [0] * len(expect)
-    # depth intrinsics of the generator: fx = 0.8 W, centre at (W - 1) / 2
-    np.testing.assert_allclose(got["intrinsics"][0], [51.2, 51.2, 31.5, 23.5])
+    # the depth intrinsics from the .sens header, read here with struct (name, then 4 matrices)
+    raw = (wd / "raw" / "synthetic" / "scans" / "scene0000_00" / "scene0000_00.sens").read_bytes()
+    (n_name,) = struct.unpack_from("<Q", raw, 4)
+    k = np.frombuffer(raw, "<f4", 16, 12 + n_name + 128).reshape(4, 4)
+    np.testing.assert_allclose(got["intrinsics"][0], [k[0, 0], k[1, 1], k[0, 2], k[1, 2]])
     assert attrs["scenes"] == ["scene0000_00", "scene0001_00"]
     assert attrs["stored_size"] == [48, 64]
 
