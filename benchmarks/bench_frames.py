@@ -32,8 +32,11 @@ CH, CW, DH, DW = 968, 1296, 480, 640
 def make_dataset(root: Path, scenes: int, frames: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for s in range(scenes):
-        boxes = S.make_room(np.random.default_rng(seed + s))
-        poses = S.trajectory(boxes, frames, rng)
+        poses, attempt = None, 0
+        while poses is None:  # a room whose camera path keeps clear of tall furniture
+            boxes = S.make_room(np.random.default_rng(seed + 100 * s + attempt))
+            poses = S.trajectory(boxes, frames, rng)
+            attempt += 1
         k_small = np.array([0.8 * 320, 0.8 * 320, 159.5, 119.5])
         views = []
         for pose in poses[:: max(1, frames // 8)]:  # 8 distinct renders, reused along the sequence
