@@ -48,8 +48,14 @@ def main(verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("distributed", "tornado", "asyncio"):  # dask's own chatter, unless debugging
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:  # dask's own chatter (its loggers set their own levels): warnings and up only
+        quiet = ("distributed", "tornado", "asyncio")
+
+        def keep(record: logging.LogRecord) -> bool:
+            return record.levelno >= logging.WARNING or not record.name.startswith(quiet)
+
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(keep)
 
 
 @main.command()

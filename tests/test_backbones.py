@@ -12,14 +12,6 @@ CATS = {281, 282, 283, 284, 285}        # tabby, tiger cat, Persian, Siamese, Eg
 COFFEE = {967, 968, 504}                # espresso, cup, coffee mug
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lite0():
     return bb.efficientnet_lite0(pretrained=True)

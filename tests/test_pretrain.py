@@ -20,14 +20,6 @@ from train import data as D
 from train import pretrain as P
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_cfg(wd, **pretrain) -> dict:
     cfg = C.defaults()
     cfg["workdir"] = str(wd)

@@ -28,14 +28,6 @@ H, W = 64, 80
 INPUT = [64, 96]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def images() -> np.ndarray:
     from skimage import data
 

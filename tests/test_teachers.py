@@ -14,14 +14,6 @@ from pipeline import teachers as T
 CATS = {281, 282, 283, 284, 285}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lite0():
     return T.build_teacher("efficientnet_lite0", input_size=(120, 160))

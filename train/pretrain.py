@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lift3d.config import sha256_json, workdir as get_workdir
 from lift3d.stages import groups
@@ -328,6 +329,7 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     writer.writerows(rows)
     fh.flush()
     step = start
+    bar = tqdm(total=end - start, desc=f"pretrain/{p['method']}", unit="step", dynamic_ncols=True, mininterval=1.0)
     try:
         if start < end:
             for batch in loader(cfg, sources, start=start, stop=end):
@@ -347,6 +349,8 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
                        "time": f"{time.perf_counter() - t0:.3f}"}
                 writer.writerow(row)
                 rows.append(row)
+                bar.set_postfix(loss=row["loss"], lr=row["lr"], refresh=False)
+                bar.update(1)
                 step += 1
                 if step % every == 0 or step == end:
                     fh.flush()
@@ -354,6 +358,7 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
                     _save_json(d / "run.json", {"config": cfg, "identity_sha256": ident, "upstream": upstream,
                                                 "complete": False, "step": step, "steps": total})
     finally:
+        bar.close()
         fh.close()
     seconds = time.perf_counter() - t0
     if step < total:
