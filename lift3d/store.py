@@ -181,7 +181,8 @@ class GroupWriter:
             ref = parts[0][n]
             shape = (totals[n],) + tuple(ref.shape[1:])
             ch = chunks.get(n) or (max(1, ref.chunks[0]),) + tuple(ref.shape[1:])
-            arr = group.create_array(n, shape=shape, chunks=ch, dtype=ref.dtype, fill_value=ref.fill_value)
+            arr = group.create_array(n, shape=shape, chunks=ch, dtype=ref.dtype, fill_value=ref.fill_value,
+                                     compressors=ref.compressors, filters=ref.filters, serializer=ref.serializer)
             linkable = n != "scene_index" and all(_same_layout(p[n], arr) for p in parts)
             pos = 0
             for scene_i, p in enumerate(parts):
@@ -253,8 +254,11 @@ def _link_chunks(src: Path, dst: Path, offset: int, rows: int, ndim: int) -> Non
 class PartWriter:
     """Append-only writer for one scene's part; ``finish`` marks it done (last)."""
 
-    def __init__(self, path: Path, chunk_rows: dict[str, int] | None = None):
+    def __init__(self, path: Path, chunk_rows: dict[str, int] | None = None, compressors: dict | None = None):
+        """``compressors``: per array name, a zarr compressor (e.g. ZstdCodec(level=1)); the final
+        group keeps each part's codecs, so its chunks are hard-linked, never re-encoded."""
         self.path = Path(path)
+        self.compressors = compressors or {}
         if self.path.exists():
             shutil.rmtree(self.path)  # a part that was not done is redone from scratch
         self.group = zarr.open_group(str(self.path), mode="w")
@@ -276,7 +280,8 @@ class PartWriter:
                 self.group[name].append(data, axis=0)
             else:
                 rows = self.chunk_rows.get(name, 1)
-                self.group.create_array(name, data=data, chunks=(rows,) + data.shape[1:])
+                kw = {"compressors": self.compressors[name]} if name in self.compressors else {}
+                self.group.create_array(name, data=data, chunks=(rows,) + data.shape[1:], **kw)
             blocks.clear()
 
     def finish(self, templates: dict[str, tuple[tuple, np.dtype]], **attrs) -> None:

@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from zarr.codecs import ZstdCodec
 
 from lift3d.cluster import dask_client, run_tasks
 from lift3d.config import workdir as get_workdir
@@ -34,12 +35,14 @@ def templates(h: int, w: int) -> dict:
             "source_index": ((), np.int32)}
 
 
-def scene_task(entry: dict, workdir: str, scene: str, part: str, chunk_frames: int) -> dict:
+def scene_task(entry: dict, workdir: str, scene: str, part: str, stage_cfg: dict) -> dict:
     """Read one scene's kept frames into a part. Runs on a dask worker."""
     t0 = time.perf_counter()
     reader = make_reader(entry, Path(workdir))
     h, w = reader.stored_size()
-    pw = PartWriter(Path(part), chunk_rows={k: chunk_frames for k in templates(h, w)})
+    level = int(stage_cfg["zstd_level"])
+    pw = PartWriter(Path(part), chunk_rows={k: int(stage_cfg["chunk_frames"]) for k in templates(h, w)},
+                    compressors={"rgb": ZstdCodec(level=level), "depth": ZstdCodec(level=level)})
     kept = 0
     for item in reader.frames(scene, entry["frame_skip"]):
         if not isinstance(item, Frame):
@@ -91,7 +94,7 @@ def run_dataset(cfg: dict, entry: dict, wd: Path) -> dict:
     log.info("frames/%s: %d scenes (%d already done), stored size %dx%d, frame_skip %d",
              entry["name"], len(scenes), len(scenes) - len(todo), h, w, entry["frame_skip"])
     chunk = int(cfg["frames"]["chunk_frames"])
-    tasks = [(s, (entry, str(wd), s, str(writer.part_path(s)), chunk)) for s in todo]
+    tasks = [(s, (entry, str(wd), s, str(writer.part_path(s)), cfg["frames"])) for s in todo]
     with dask_client(cfg["cluster"]) as client:
         results = run_tasks(client, scene_task, tasks, desc=f"frames/{entry['name']}")
     t_commit = time.perf_counter()
