@@ -136,6 +136,21 @@ def show(dataset, frame, out_png, ply, config_path, overrides):
     click.echo(f"wrote {out_png}" + (f" and {ply}" if ply else ""))
 
 
+@main.command(name="export")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["pointcontrast"]), default="pointcontrast", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the exported state dict.")
+def export_cmd(checkpoint, fmt, out):
+    """Export a pretrained 3D network (run folder, model.pt or checkpoint.pt) for another code base."""
+    from train.export import ExportError, export
+
+    try:
+        rep = export(checkpoint, out, fmt)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {rep['out']}: {rep['keys']} keys, {rep['parameters']:,} parameters ({rep['model']}, {fmt})")
+
+
 @main.group(name="eval")
 def eval_():
     """Evaluate a teacher's 2D pseudo-labels or a checkpoint."""

@@ -1,0 +1,61 @@
+"""Export a pretrained 3D network for other code bases (``lift3d export``).
+
+``pointcontrast``: a plain state dict whose key names and shapes are those of PointContrast /
+CSC's Res16UNet family (their ``Res16UNet34C(3, out)`` for the paper preset), loadable with
+``model.load_state_dict`` there. Input: a pretrain run folder, its ``model.pt``, or a
+``checkpoint.pt`` (resume state).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from train.models import MODELS, build_model, export_pointcontrast, load_pointcontrast
+
+FORMATS = ("pointcontrast",)
+
+
+class ExportError(ValueError):
+    pass
+
+
+def read_network(path: str | Path) -> tuple[dict, str | None, int | None]:
+    """(state dict, model name or None, out channels or None) from a run folder or file."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.is_file():
+        raise ExportError(f"{p}: not found (give a pretrain run folder, its model.pt or checkpoint.pt)")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise ExportError(f"{p}: cannot be read as a torch file: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        raise ExportError(f"{p}: expected a lift3d model.pt or checkpoint.pt (a dict with a 'model' state dict)")
+    return obj["model"], obj.get("model_name"), obj.get("out_channels")
+
+
+def export(path: str | Path, out: str | Path, fmt: str = "pointcontrast") -> dict:
+    """Write the network of ``path`` in ``fmt`` to ``out``; returns a short report."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+    sd, name, out_ch = read_network(path)
+    exported = export_pointcontrast(sd)
+    if name is not None:  # prove it loads into the same architecture, as the other code base will
+        if name not in MODELS:
+            raise ExportError(f"{path}: model {name!r} is not a known network ({', '.join(sorted(MODELS))})")
+        in_ch = int(exported["conv0p1s1.kernel"].shape[1]) if "conv0p1s1.kernel" in exported else 3
+        net = build_model(name, in_ch, int(out_ch or exported["final.kernel"].shape[-1]))
+        try:
+            load_pointcontrast(net, exported, skip_mismatched_final=False)
+        except (KeyError, ValueError) as exc:
+            raise ExportError(f"{path}: the weights do not fit the recorded model {name!r}: {exc}") from None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(exported, tmp)
+    tmp.replace(out)
+    return {"format": fmt, "model": name, "keys": len(exported), "parameters": sum(v.numel() for v in exported.values()),
+            "out": str(out)}
