@@ -136,6 +136,24 @@ def show(dataset, frame, out_png, ply, config_path, overrides):
     click.echo(f"wrote {out_png}" + (f" and {ply}" if ply else ""))
 
 
+@main.command()
+@click.argument("stage", type=click.Choice(["pretrain"]))
+@click.option("--name", default=None, help="A grid from the config's sweeps: section.")
+@config_opt
+@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY.PATH=V1,V2",
+              help="A value list to sweep (comma-separated); repeat for a grid. Fixed values work too.")
+def sweep(stage, name, config_path, overrides):
+    """Run STAGE for every combination of the swept values, against the same caches."""
+    from lift3d.sweep import SweepError, run_sweep
+
+    t0 = time.perf_counter()
+    try:
+        rows = run_sweep(stage, config_path, list(overrides), name)
+    except (SweepError, C.ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _summary(f"sweep {stage}", rows, time.perf_counter() - t0)
+
+
 @main.command(name="export")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["pointcontrast"]), default="pointcontrast", show_default=True)
