@@ -39,6 +39,13 @@ def _summary(stage: str, rows, seconds: float) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)))
 
 
+def _fail(what: str, exc: Exception):
+    """One clear line for the user; the traceback with -v."""
+    if logging.getLogger("lift3d").isEnabledFor(logging.DEBUG):
+        raise exc
+    raise click.ClickException(f"{what} failed: {type(exc).__name__}: {exc}") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
@@ -77,10 +84,8 @@ def run(stage, config_path, overrides):
             rows = S.run_stage(cfg, name)
         except NotImplementedError as exc:
             raise click.ClickException(str(exc)) from None
-        except Exception as exc:  # one clear line; the traceback with -v
-            if logging.getLogger("lift3d").isEnabledFor(logging.DEBUG):
-                raise
-            raise click.ClickException(f"{name} failed: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            _fail(name, exc)
         _summary(name, rows, time.perf_counter() - t0)
 
 
@@ -132,7 +137,10 @@ def show(dataset, frame, out_png, ply, config_path, overrides):
     from pipeline.show import show as show_frame
 
     cfg = _load(config_path, overrides)
-    show_frame(cfg, dataset, frame, out_png, ply=ply)
+    try:
+        show_frame(cfg, dataset, frame, out_png, ply=ply)
+    except Exception as exc:
+        _fail("show", exc)
     click.echo(f"wrote {out_png}" + (f" and {ply}" if ply else ""))
 
 
@@ -183,7 +191,10 @@ def eval_teacher_cmd(dataset, config_path, overrides):
     from pipeline.eval_teacher import eval_teacher
 
     cfg = _load(config_path, overrides)
-    res = eval_teacher(cfg, dataset or cfg["datasets"][0]["name"])
+    try:
+        res = eval_teacher(cfg, dataset or cfg["datasets"][0]["name"])
+    except Exception as exc:
+        _fail("eval teacher", exc)
     for key, val in res.items():
         click.echo(f"{key}: {val}")
 

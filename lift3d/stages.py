@@ -95,7 +95,6 @@ def stage_status(cfg: dict, stage: str) -> tuple[str, list[str]]:
     results = [group_status(wd, g) for g in groups(cfg, stage)]
     states = {s for s, _ in results}
     agg = "done" if states == {"done"} else ("missing" if states == {"missing"} else "out of date")
-    # a stage is out of date when an upstream stage is
     return agg, [why for _, why in results]
 
 

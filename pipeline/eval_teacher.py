@@ -25,7 +25,6 @@ this was written); ``eval_teacher(..., labels=fn)`` takes any other source of la
 
 from __future__ import annotations
 
-import csv
 import logging
 import zipfile
 from functools import lru_cache
@@ -38,6 +37,7 @@ from lift3d.classmaps import nyu40_to_scannet20, scannet20_names, teacher_to_sca
 from lift3d.config import workdir as get_workdir
 from lift3d.stages import groups
 from lift3d.store import open_group
+from pipeline.scannet_labels import read_label_map
 
 log = logging.getLogger("lift3d")
 
@@ -55,16 +55,9 @@ def load_label_map(tsv: str | Path) -> np.ndarray:
     if not tsv.is_file():
         raise FileNotFoundError(f"{tsv} not found: ScanNet's label table (id -> nyu40id) is needed "
                                 f"to read 2D labels")
-    pairs = []
-    with open(tsv, newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t")
-        if not reader.fieldnames or "id" not in reader.fieldnames or "nyu40id" not in reader.fieldnames:
-            raise ValueError(f"{tsv}: expected the columns 'id' and 'nyu40id', got {reader.fieldnames}")
-        for row in reader:
-            if row["id"].strip() and row["nyu40id"].strip():
-                pairs.append((int(row["id"]), int(row["nyu40id"])))
-    lut = np.zeros(max([p[0] for p in pairs], default=0) + 1, dtype=np.int64)
-    for sid, nyu in pairs:
+    pairs = read_label_map(tsv)  # the shared tsv parser (column checks, blank rows)
+    lut = np.zeros(max(pairs, default=0) + 1, dtype=np.int64)
+    for sid, nyu in pairs.items():
         if not 0 <= nyu <= 40:
             raise ValueError(f"{tsv}: id {sid} has nyu40id {nyu}, outside 0..40")
         lut[sid] = nyu
@@ -192,14 +185,15 @@ def eval_teacher(cfg: dict, dataset: str, labels: Callable | None = None) -> dic
     g = matches[0]
     entry = g.config["dataset"]
     out = {"dataset": dataset, "teacher": cfg["teacher"]["name"], "kind": entry["kind"]}
+    # the stores first: a missing or stale cache is the error to report, not missing labels
+    frames = open_group(wd, "frames", g.upstream.path, expect_lineage=g.upstream.lineage_sha256)
+    teacher = open_group(wd, "teacher", g.path, expect_lineage=g.lineage_sha256)
     own = labels is None
     labels = labels or default_labels(entry, wd)
     if labels is None:
         return {**out, "evaluated": False,
                 "reason": f"no ground-truth 2D labels for kind {entry['kind']!r} (ScanNet layout with "
                           f"scans/<scene>/<scene>_2d-label-filt.zip needed)"}
-    frames = open_group(wd, "frames", g.upstream.path, expect_lineage=g.upstream.lineage_sha256)
-    teacher = open_group(wd, "teacher", g.path, expect_lineage=g.lineage_sha256)
     lut = teacher_to_scannet20(list(teacher.attrs["classes"]), IGNORE)
     index = teacher["soft_labels/index"]
     scenes = list(frames.attrs["scenes"])

@@ -182,3 +182,11 @@ def test_cli_help_status_and_config_error(tmp_path):
     assert "frames" in res.output and "missing" in res.output
     res = r.invoke(main, ["status", "-o", "points.voxelsize=1"])
     assert res.exit_code != 0 and "unknown key 'points.voxelsize'" in res.output
+
+
+def test_cli_reports_missing_stores_in_one_line(tmp_path):
+    r = CliRunner()
+    for args in (["eval", "teacher"], ["show", "synthetic", "0"]):
+        res = r.invoke(main, args + ["-o", f"workdir={tmp_path}", "-o", "cluster.n_workers=0"])
+        assert res.exit_code != 0
+        assert "failed:" in res.output and "Traceback" not in res.output, res.output

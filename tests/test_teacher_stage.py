@@ -341,6 +341,13 @@ def test_eval_teacher_hand_made_case(tmp_path):
 
 
 def test_eval_teacher_without_labels(tmp_path):
-    cfg = make_cfg(tmp_path)
+    cfg = make_cfg(tmp_path, shard_frames=64)
+    write_frames(cfg)  # stores written directly: no raw dataset, so no 2D labels
+    TS.run(cfg)
     res = eval_teacher(cfg, "tiny")
     assert res["evaluated"] is False and "no ground-truth" in res["reason"]
+
+
+def test_eval_teacher_refuses_missing_stores_before_looking_for_labels(tmp_path):
+    with pytest.raises(StoreError, match="lift3d run frames"):
+        eval_teacher(make_cfg(tmp_path), "tiny")
