@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL the frames and points stages at random moments, re-run, compare.
 
-Each trial starts `lift3d run STAGE` as its own process, kills it after a random delay (the
-seeds are fixed and printed), re-runs it to the end, and asserts the store equals the one from
+Each trial starts `lift3d run STAGE` as its own process, kills it once a random number of its
+scene parts are done (seeded), re-runs it to the end, and asserts the store equals the one from
 an uninterrupted run, with every expected frame present exactly once.
 """
 
@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,12 +23,22 @@ TINY = {"datasets": [{"name": "syn", "kind": "synthetic", "root": None, "frame_s
 KEYS = ("config_sha256", "lineage_sha256", "skipped", "scenes", "complete")
 
 
-def lift3d(cfg_path, stage, check=True, kill_after=None):
+def done_parts(wd, stage):
+    return sum('"done": true' in p.read_text() for p in wd.glob(f".parts/{stage}/syn/*/*/zarr.json"))
+
+
+def lift3d(cfg_path, stage, check=True, kill_at=None):
+    """Run a stage; with ``kill_at=(k, delay)``, SIGKILL it ``delay`` s after its k-th scene part is
+    done (k past the last part lands in the commit). Returns the exit code."""
     cmd = [sys.executable, "-m", "lift3d.cli", "run", stage, "-c", str(cfg_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    if kill_after is not None:
-        time.sleep(kill_after)
+    if kill_at is not None:
+        k, delay = kill_at
+        wd = Path(yaml.safe_load(Path(cfg_path).read_text())["workdir"])
+        while p.poll() is None and done_parts(wd, stage) < k:
+            time.sleep(0.005)
+        time.sleep(delay)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
         p.wait()
@@ -74,9 +85,9 @@ def test_killed_frames_and_points_resume_to_the_clean_store(clean, tmp_path):
     for seed in SEEDS:
         rng = np.random.default_rng(seed)
         p, wd = config(tmp_path, f"kill{seed}")
-        # a clean frames run takes ~3 s here (~1 s of it imports), points ~1 s: land inside the work
-        for stage, window in (("frames", (0.8, 2.8)), ("points", (0.6, 1.2))):
-            rc = lift3d(p, stage, kill_after=float(rng.uniform(*window)))
+        # kill after the k-th of the 3 scene parts is done (k = 3: during the commit), plus a jitter
+        for stage in ("frames", "points"):
+            rc = lift3d(p, stage, kill_at=(int(rng.integers(1, 4)), float(rng.uniform(0, 0.02))))
             interrupted[stage] += rc == -signal.SIGKILL
             lift3d(p, stage)
         for got, want in zip((snapshot(wd / "frames.zarr" / "syn"), snapshot(wd / "points.zarr" / "syn")), clean):
@@ -88,4 +99,5 @@ def test_killed_frames_and_points_resume_to_the_clean_store(clean, tmp_path):
         pairs = list(zip(arrays["scene_index"].tolist(), arrays["source_index"].tolist()))
         assert len(pairs) == len(set(pairs))  # every frame exactly once
     # the trials really killed running stages (not only finished ones)
+    print("interrupted", interrupted)
     assert interrupted["frames"] >= 2 and interrupted["points"] >= 2, interrupted
