@@ -1,6 +1,7 @@
 # lift3d: one target per stage, plus install / demo / test / bench / verdict.
 #   make demo                  set up, then run the whole pipeline on the embedded synthetic data
 #   make test                  set up, then run the test suite
+#   make verdict               the demo's verdict with 3 fine-tuning seeds (mean and spread)
 #   make frames CONFIG=my.yaml ARGS="-o cluster.n_workers=8"   one stage, your config
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -34,4 +35,5 @@ bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; OMP_NUM_THREADS=1 $(PY) $$b || exit 1; done
 
 verdict: install
-	@echo "verdict: needs the finetune stage (issue 7), which is not built yet" >&2; exit 1
+	$(LIFT3D) run frames $(CFG) && $(LIFT3D) run teacher $(CFG) && $(LIFT3D) run points $(CFG)
+	OMP_NUM_THREADS=2 $(LIFT3D) verdict --seeds 0,1,2 --la-points 20 $(CFG)

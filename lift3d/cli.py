@@ -177,9 +177,45 @@ def export_cmd(checkpoint, fmt, out):
     click.echo(f"wrote {rep['out']}: {rep['keys']} keys, {rep['parameters']:,} parameters ({rep['model']}, {fmt})")
 
 
-@main.group(name="eval")
+class _EvalGroup(click.Group):
+    """``lift3d eval teacher ...`` or ``lift3d eval CHECKPOINT ...`` (any other first word is a
+    checkpoint path, handled by the ``checkpoint`` subcommand)."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "checkpoint", self.commands["checkpoint"], args
+        return super().resolve_command(ctx, args)
+
+
+@main.group(name="eval", cls=_EvalGroup)
 def eval_():
-    """Evaluate a teacher's 2D pseudo-labels or a checkpoint."""
+    """Evaluate a fine-tuned checkpoint (lift3d eval CHECKPOINT) or a teacher's 2D pseudo-labels."""
+
+
+@eval_.command(name="checkpoint")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--split", default="val", show_default=True, type=click.Choice(["train", "val"]))
+@click.option("--dataset", default=None, help="The labelled dataset (default: finetune.dataset, else the first).")
+@click.option("--out", "out_json", default=None, type=click.Path(dir_okay=False), help="Also write the scores as JSON.")
+@config_opt
+@override_opt
+def eval_checkpoint_cmd(checkpoint, split, dataset, out_json, config_path, overrides):
+    """Scores of a fine-tuned network (run folder or model.pt) on a labelled split."""
+    import json
+
+    from train.finetune import eval_checkpoint
+    from train.metrics import format_table
+
+    cfg = _load(config_path, overrides)
+    try:
+        res = eval_checkpoint(cfg, checkpoint, split, dataset)
+    except Exception as exc:
+        _fail("eval", exc)
+    click.echo(format_table(res, f"{res['checkpoint']} on {res['scenes']} {split} scenes"))
+    if out_json:
+        with open(out_json, "w") as fh:
+            json.dump(res, fh, indent=1)
+        click.echo(f"wrote {out_json}")
 
 
 @eval_.command(name="teacher")
@@ -197,6 +233,60 @@ def eval_teacher_cmd(dataset, config_path, overrides):
         _fail("eval teacher", exc)
     for key, val in res.items():
         click.echo(f"{key}: {val}")
+
+
+@main.command()
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated fine-tuning seeds.")
+@click.option("--la-points", default=20, show_default=True, type=int,
+              help="Labelled vertices per training scene (limited annotations); 0 = all labels.")
+@click.option("--methods", default="ppnce,soft_ce", show_default=True, help="Pretraining methods to compare.")
+@config_opt
+@override_opt
+def verdict(seeds, la_points, methods, config_path, overrides):
+    """Fine-tune from scratch and from each pretraining method; print mIoU / mAcc per method."""
+    from train.verdict import format_verdict, run_verdict
+
+    cfg = _load(config_path, overrides)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.ClickException(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+    try:
+        res = run_verdict(cfg, seed_list, la_points or None, tuple(m.strip() for m in methods.split(",") if m.strip()))
+    except Exception as exc:
+        _fail("verdict", exc)
+    click.echo("\n" + format_verdict(res))
+    click.echo(f"\n(verdict took {res['seconds']:.0f} s; {C.workdir(cfg)}/verdict.md)")
+
+
+@main.command()
+@click.option("--dataset", default=None, help="Dataset name (default: finetune.dataset, else the first).")
+@click.option("--points", "points", multiple=True, type=int, help="LA file(s): labelled vertices per scene (repeat).")
+@click.option("--percent", "percent", multiple=True, type=float, help="LR file(s): percent of training scenes (repeat).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@config_opt
+@override_opt
+def limited(dataset, points, percent, seed, out, config_path, overrides):
+    """Write data-efficient benchmark files (ScanNet's formats) for a labelled dataset:
+    pointsN.pth (limited annotations) and scenes_P.txt (limited reconstructions)."""
+    from pathlib import Path
+
+    from train.finetune import dataset_entry
+    from train.scenes import LabelledDataset, make_la_file, make_lr_file
+
+    cfg = _load(config_path, overrides)
+    if dataset:
+        cfg["finetune"]["dataset"] = dataset
+    try:
+        ds = LabelledDataset(dataset_entry(cfg), C.workdir(cfg))
+        train = ds.split("train")
+        for n in points:
+            click.echo(f"wrote {make_la_file(ds, train, n, seed, Path(out) / f'points{n}.pth')}")
+        for pc in percent:
+            click.echo(f"wrote {make_lr_file(train, pc, seed, Path(out) / f'scenes_{pc:g}.txt')}")
+    except Exception as exc:
+        _fail("limited", exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,603 @@
+"""Stage ``finetune``: 3D semantic segmentation on labelled scenes, from a pretrained SR-UNet or
+from scratch, with the data-efficient protocols and semi-supervised options of the
+Data-Efficient 3D Learner; evaluation on the validation split.
+
+- Init (``finetune.init``): ``pretrain`` (the pretrain run of the current configuration),
+  ``scratch``, or a path to a run folder / ``model.pt``. The network is rebuilt with
+  ``num_classes`` outputs: every pretrained weight is loaded except the last 1x1 convolution
+  (``final``), which is the fresh segmentation head (PointContrast / CSC / PPKT's protocol).
+  Pretraining must not have seen the validation scenes: the run checks the pretrain run's
+  datasets and refuses otherwise.
+- Data: whole scenes (mesh vertices and colours), augmented (rotation about z, scaling,
+  elastic distortion, mirror, colour), quantised at ``voxel_size`` (one voxel per occupied
+  cell; each vertex keeps the index of its voxel). Features are colours in [-0.5, 0.5], as in
+  pretraining.
+- Supervision: cross-entropy on the supervised vertices, each taking the logits of its voxel:
+  every labelled vertex, or only those of ``la_file`` (limited annotations); only the scenes
+  of ``lr_file`` (limited reconstructions).
+- Semi-supervised (``finetune.semi``): entropy minimisation, L_ent = (1/|U|) sum_{v in U}
+  -sum_c p_vc log p_vc over the voxels U holding no supervised vertex; mean teacher, an EMA
+  copy of the network (theta' <- a theta' + (1 - a) theta) sees a second augmentation of the
+  same scenes and L_cons = MSE(softmax student, softmax teacher) per vertex, weighted by
+  w(t) = w exp(-5 (1 - t)^2), t = min(step / rampup_steps, 1).
+- Evaluation: every vertex of a validation scene takes the prediction of its voxel; scores
+  from the confusion matrix over the original vertices (``train.metrics``).
+
+Runs go to ``<workdir>/runs/finetune/<name>/``: ``checkpoint.pt`` (resumable), ``model.pt``
+(the segmentation network), ``metrics.csv``, ``loss.png``, ``eval.json``, ``eval.txt``,
+``run.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lift3d.backbones import sha256_path
+from lift3d.config import sha256_json, workdir as get_workdir
+from lift3d.store import StoreError
+from pipeline.readers import ReaderError, make_reader
+from train import augment as A
+from train.metrics import confusion_matrix, format_table, segmentation_scores
+from train.models import MODELS, build_model
+from train.pretrain import (_metrics_rows, _read_json, _rng_state, _save_json, _set_rng_state, _write_atomic,
+                            lr_at, make_optimizer, plot_loss, resolve_device)
+from train.scenes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, LabelledDataset, read_la_file, read_lr_file
+
+log = logging.getLogger("lift3d")
+
+BOOKKEEPING = ("device", "checkpoint_every", "run_name", "eval_every")
+CONSISTENCY_POINTS = 4096   # vertices per scene compared by the mean-teacher consistency
+
+
+class FinetuneError(RuntimeError):
+    """A fine-tuning input (checkpoint, label file, configuration) is unusable; says which and why."""
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def dataset_entry(cfg: dict) -> dict:
+    name = cfg["finetune"].get("dataset")
+    entries = cfg["datasets"]
+    if name is None:
+        return entries[0]
+    for e in entries:
+        if e["name"] == name:
+            return e
+    raise FinetuneError(f"finetune.dataset: {name!r} is not configured; datasets: "
+                        f"{', '.join(e['name'] for e in entries)}")
+
+
+def _init_kind(cfg: dict) -> str:
+    init = cfg["finetune"]["init"]
+    return init if init in ("pretrain", "scratch") else "file"
+
+
+def _pretrain_run(cfg: dict) -> Path:
+    from train.pretrain import run_dir as pretrain_run_dir
+
+    return pretrain_run_dir(cfg)
+
+
+def init_path(cfg: dict) -> Path | None:
+    """The model.pt fine-tuning starts from (None for scratch)."""
+    kind = _init_kind(cfg)
+    if kind == "scratch":
+        return None
+    p = _pretrain_run(cfg) if kind == "pretrain" else Path(cfg["finetune"]["init"]).expanduser()
+    return p / "model.pt" if p.is_dir() or kind == "pretrain" else p
+
+
+def init_identity(cfg: dict) -> dict:
+    kind = _init_kind(cfg)
+    if kind == "scratch":
+        return {"init": "scratch"}
+    if kind == "pretrain":
+        from train.pretrain import identity as pretrain_identity
+
+        return {"init": "pretrain", "pretrain": sha256_json(pretrain_identity(cfg))}
+    path = init_path(cfg)
+    return {"init": "file", "sha256": sha256_path(path) if path.is_file() else f"missing:{path}"}
+
+
+def la_path(cfg: dict) -> Path | None:
+    """The LA file to read: ``la_file``, or the one ``la_points`` names (written on first use)."""
+    f = cfg["finetune"]
+    if f.get("la_file") and f.get("la_points"):
+        raise FinetuneError("finetune.la_file and finetune.la_points are both set; choose one")
+    if f.get("la_points"):
+        from train.verdict import la_file_for
+
+        return la_file_for(cfg, int(f["la_points"]))
+    return Path(f["la_file"]).expanduser() if f.get("la_file") else None
+
+
+def identity(cfg: dict) -> dict:
+    f = {k: v for k, v in cfg["finetune"].items() if k not in BOOKKEEPING and k != "init"}
+    if f.get("la_file") and f.get("la_points"):
+        raise FinetuneError("finetune.la_file and finetune.la_points are both set; choose one")
+    for key in ("la_file", "lr_file"):   # the files' contents, not only their names
+        if f.get(key):
+            p = Path(f[key]).expanduser()
+            f[key] = {"path": str(p), "sha256": sha256_path(p) if p.is_file() else None}
+    return {"finetune": f, "dataset": dataset_entry(cfg), **init_identity(cfg)}
+
+
+def run_dir(cfg: dict) -> Path:
+    f = cfg["finetune"]
+    kind = _init_kind(cfg)
+    tag = {"scratch": "scratch", "file": "file"}.get(kind) or f"from-{cfg['pretrain']['method']}"
+    name = f.get("run_name") or f"{tag}-{sha256_json(identity(cfg))[:10]}"
+    return get_workdir(cfg) / "runs" / "finetune" / name
+
+
+def status(cfg: dict) -> tuple[str, list[str]]:
+    reasons = []
+    if _init_kind(cfg) == "pretrain":
+        from train.pretrain import status as pretrain_status
+
+        st, why = pretrain_status(cfg)
+        if st != "done":
+            reasons.append(f"the pretrain run to start from is {st}: run 'lift3d run pretrain'")
+    d = run_dir(cfg)
+    where = f"runs/finetune/{d.name}"
+    info = _read_json(d / "run.json")
+    if info is None:
+        return ("missing" if not d.exists() else "out of date"), reasons + [f"{where} has not been run"]
+    if not info.get("complete"):
+        return "out of date", reasons + [f"{where} is incomplete (step {info.get('step', '?')})"]
+    if reasons:
+        return "out of date", reasons
+    ev = info.get("eval") or {}
+    return "done", [f"{where} complete: val mIoU {_pct(ev.get('miou'))}, mAcc {_pct(ev.get('macc'))}"]
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def read_model_file(path: str | Path) -> dict:
+    """A ``model.pt`` (or a run folder holding one) as a dict, checked to be a Res16UNet."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "model.pt"
+    if not p.is_file():
+        raise FinetuneError(f"{p}: no such checkpoint (a run folder or its model.pt)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a broken file
+        raise FinetuneError(f"{p}: not a torch checkpoint: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or "model" not in state or not isinstance(state["model"], dict):
+        raise FinetuneError(f"{p}: expected a lift3d model.pt (a dict with 'model', 'model_name'); "
+                            f"got {type(state).__name__} with keys {list(state)[:5] if isinstance(state, dict) else '-'}")
+    name = state.get("model_name")
+    if name not in MODELS:
+        raise FinetuneError(f"{p}: architecture {name!r} is not one of {', '.join(sorted(MODELS))}")
+    state["path"] = str(p)
+    return state
+
+
+def _load_weights(net: torch.nn.Module, sd: dict, where: str, skip_final: bool) -> None:
+    """Load ``sd`` into ``net``: the same key names and shapes (``final.*`` skipped when asked)."""
+    own = net.state_dict()
+    keep = {k: v for k, v in sd.items() if not (skip_final and k.startswith("final."))}
+    need = [k for k in own if not (skip_final and k.startswith("final."))]
+    missing = [k for k in need if k not in keep]
+    extra = [k for k in keep if k not in own]
+    shape = [f"{k}: {tuple(keep[k].shape)} vs {tuple(own[k].shape)}" for k in need
+             if k in keep and tuple(keep[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shape:
+        raise FinetuneError(f"{where}: the weights do not fit {type(net).__name__}: "
+                            f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected "
+                            f"(e.g. {extra[:2]}), {len(shape)} of another shape (e.g. {shape[:2]})")
+    net.load_state_dict(keep, strict=False)
+
+
+def build_network(cfg: dict) -> tuple[torch.nn.Module, dict]:
+    """The segmentation network (``num_classes`` outputs), pretrained weights loaded when asked."""
+    f = cfg["finetune"]
+    path = init_path(cfg)
+    meta = {"init": _init_kind(cfg), "init_path": str(path) if path else None}
+    if path is None:
+        name = f.get("model") or cfg["pretrain"]["model"]
+        torch.manual_seed(int(f["seed"]))
+        return build_model(name, 3, NUM_CLASSES), {**meta, "model_name": name}
+    if _init_kind(cfg) == "pretrain" and not path.is_file():
+        raise FinetuneError(f"finetune.init: pretrain: {path} does not exist: run 'lift3d run pretrain' first "
+                            f"(or set finetune.init: scratch)")
+    state = read_model_file(path)
+    name = state["model_name"]
+    if f.get("model") and f["model"] != name:
+        raise FinetuneError(f"{path}: the checkpoint is a {name}, but finetune.model is {f['model']!r}")
+    torch.manual_seed(int(f["seed"]))
+    net = build_model(name, int(state.get("in_channels", 3)), NUM_CLASSES)
+    _load_weights(net, state["model"], str(path), skip_final=True)
+    return net, {**meta, "model_name": name, "pretrain_method": state.get("method")}
+
+
+def check_val_unseen(cfg: dict, ds: LabelledDataset, val: list[str]) -> None:
+    """Refuse when the pretrain run to start from read frames of a validation scene."""
+    if _init_kind(cfg) == "scratch":
+        return
+    path = init_path(cfg)
+    info = _read_json(path.parent / "run.json") if path else None
+    if not info or "config" not in info:
+        log.warning("finetune: %s has no run.json beside it; cannot check that pretraining did not see the "
+                    "validation scenes", path)
+        return
+    wd = get_workdir(cfg)
+    for entry in info["config"].get("datasets", []):
+        if entry.get("kind") not in ("scannet", "synthetic"):
+            continue
+        try:
+            reader = make_reader(entry, wd)
+            same = reader.root is not None and Path(reader.root).resolve() == ds.root.resolve()
+            seen = reader.scenes() if same else []
+        except ReaderError as exc:
+            raise FinetuneError(f"cannot check which scenes pretraining saw (dataset {entry['name']!r}): {exc}") from None
+        leaked = sorted(set(seen) & set(val))
+        if leaked:
+            raise FinetuneError(
+                f"pretraining ({path.parent}) read frames of {len(leaked)} validation scene(s) "
+                f"({', '.join(leaked[:3])}) through dataset {entry['name']!r} (split {entry.get('split')!r}); "
+                f"fine-tuning would be evaluated on scenes the network has seen. Pretrain with split: train.")
+
+
+# ----------------------------------------------------------------------------- data
+
+def augment_scene(xyz: np.ndarray, rgb: np.ndarray, acfg: dict, rng: np.random.Generator):
+    """The scene-level augmentations switched on in ``finetune.augment`` (world z up)."""
+    coords = xyz - xyz.mean(0, keepdims=True)
+    if acfg.get("rotate_up", True):
+        coords = A.rotate_up(coords, "world", rng)
+    if acfg.get("flip", True) and rng.random() < 0.5:
+        coords = coords * np.array([-1.0, 1.0, 1.0], np.float32)
+    if acfg.get("scale", True):
+        lo, hi = acfg.get("scale_range", [0.9, 1.1])
+        coords = A.random_scale(coords, lo, hi, rng)
+    if acfg.get("elastic", True):
+        for gran, mag in A.ELASTIC_PARAMS:
+            coords = A.elastic_distortion(coords, gran, mag, rng)
+    if acfg.get("color", True):
+        rgb = A.color_jitter(A.chromatic_auto_contrast(rgb, rng), rng)
+    return np.ascontiguousarray(coords, np.float32), rgb
+
+
+def voxelise(scenes: list[tuple[np.ndarray, np.ndarray]], voxel_size: float) -> dict:
+    """Quantise each (coords, rgb) scene and batch them: ``coords`` (M, 4) int32 with the batch
+    index first, ``feats`` (M, 3) colours in [-0.5, 0.5], and per scene ``vertex_voxel``, the
+    batch row of each vertex's voxel."""
+    import MinkowskiEngine as ME
+
+    qs, feats, inverse, offset = [], [], [], 0
+    for coords, rgb in scenes:
+        q, keep, inv = ME.utils.sparse_quantize(np.ascontiguousarray(coords, np.float32), return_index=True,
+                                                return_inverse=True, quantization_size=voxel_size)
+        qs.append(q)
+        feats.append(torch.from_numpy(rgb[keep.numpy()].astype(np.float32) / 255.0 - 0.5))
+        inverse.append(inv.long() + offset)
+        offset += len(keep)
+    return {"coords": ME.utils.batched_coordinates(qs, dtype=torch.int32), "feats": torch.cat(feats),
+            "vertex_voxel": inverse}
+
+
+def forward(net, batch: dict, device: torch.device) -> torch.Tensor:
+    import MinkowskiEngine as ME
+
+    x = ME.SparseTensor(batch["feats"].to(device), coordinates=batch["coords"].to(device))
+    return net(x).F
+
+
+def scene_order(names: list[str], seed: int, step: int, batch_size: int) -> list[str]:
+    """The scenes of step ``step``: epochs of seeded permutations, cut into batches (a pure
+    function of (seed, step), so a resumed run sees the same batches)."""
+    n = len(names)
+    out = []
+    for j in range(batch_size):
+        t = step * batch_size + j
+        perm = np.random.default_rng([seed, t // n]).permutation(n)
+        out.append(names[perm[t % n]])
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(net, ds: LabelledDataset, scenes: list[str], voxel_size: float, device: torch.device) -> dict:
+    """Scores over the original vertices of ``scenes`` (each takes its voxel's prediction)."""
+    was = net.training
+    net.eval()
+    conf = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    try:
+        for name in scenes:
+            s = ds.scene(name)
+            batch = voxelise([(s.xyz - s.xyz.mean(0, keepdims=True), s.rgb)], voxel_size)
+            pred = forward(net, batch, device).argmax(1).cpu()[batch["vertex_voxel"][0]].numpy()
+            conf += confusion_matrix(s.labels, pred, NUM_CLASSES, IGNORE_INDEX)
+    finally:
+        net.train(was)
+    return {**segmentation_scores(conf, CLASS_NAMES), "scenes": len(scenes), "confusion": conf.tolist()}
+
+
+# ----------------------------------------------------------------------------- training
+
+def supervision(cfg: dict, ds: LabelledDataset, train: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(scenes to train on, scene -> supervised vertex indices) under the LA / LR protocols."""
+    f = cfg["finetune"]
+    scenes = list(train)
+    if f.get("lr_file"):
+        scenes = read_lr_file(Path(f["lr_file"]).expanduser(), train)
+    la_file = la_path(cfg)
+    if la_file is not None:
+        counts = {s: len(ds.scene(s).labels) for s in train}
+        la = read_la_file(la_file, counts)
+        sup = {s: la.get(s, np.zeros(0, np.int64)) for s in scenes}
+    else:
+        sup = {s: np.flatnonzero(ds.scene(s).labels != IGNORE_INDEX) for s in scenes}
+    sup = {s: v[ds.scene(s).labels[v] != IGNORE_INDEX] for s, v in sup.items()}
+    if sum(len(v) for v in sup.values()) == 0:
+        raise FinetuneError("no labelled vertex to train on (la_file / lr_file select none with a "
+                            "ScanNet-20 label)")
+    return scenes, sup
+
+
+def entropy_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of softmax(logits) over the rows in ``mask`` (0 when there are none)."""
+    if not bool(mask.any()):
+        return logits.sum() * 0.0
+    logp = F.log_softmax(logits[mask], dim=1)
+    return -(logp.exp() * logp).sum(1).mean()
+
+
+def rampup(step: int, ramp: int) -> float:
+    """exp(-5 (1 - t)^2), t = min(step / ramp, 1) (Laine & Aila's sigmoid ramp-up)."""
+    if ramp <= 0:
+        return 1.0
+    t = min(step / ramp, 1.0)
+    return float(np.exp(-5.0 * (1.0 - t) ** 2))
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """theta' <- decay theta' + (1 - decay) theta; buffers (BN statistics) copied."""
+    for pt, ps in zip(teacher.parameters(), student.parameters()):
+        pt.mul_(decay).add_(ps.detach(), alpha=1.0 - decay)
+    for bt, bs in zip(teacher.buffers(), student.buffers()):
+        bt.copy_(bs)
+
+
+def step_loss(net, teacher, ds, names, sup, f, step, device) -> tuple[torch.Tensor, dict]:
+    """The loss of one step: supervised CE, plus the semi-supervised terms switched on."""
+    semi = f["semi"]
+    rng = np.random.default_rng([int(f["seed"]), step, 1])
+    scenes = [ds.scene(n) for n in names]
+    views = [augment_scene(s.xyz, s.rgb, f["augment"], rng) for s in scenes]
+    batch = voxelise(views, float(f["voxel_size"]))
+    logits = forward(net, batch, device)
+    rows, targets = [], []
+    for s, n, vv in zip(scenes, names, batch["vertex_voxel"]):
+        idx = torch.from_numpy(sup[n])
+        rows.append(vv[idx])
+        targets.append(torch.from_numpy(s.labels[sup[n]]))
+    rows, targets = torch.cat(rows).to(device), torch.cat(targets).to(device)
+    loss = F.cross_entropy(logits[rows], targets) if len(rows) else logits.sum() * 0.0
+    parts = {"ce": float(loss.detach())}
+    if float(semi["entropy_weight"]) > 0:
+        unlabelled = torch.ones(len(logits), dtype=torch.bool, device=device)
+        unlabelled[rows] = False
+        ent = entropy_loss(logits, unlabelled)
+        loss = loss + float(semi["entropy_weight"]) * ent
+        parts["entropy"] = float(ent.detach())
+    if teacher is not None:
+        trng = np.random.default_rng([int(f["seed"]), step, 2])
+        tb = voxelise([augment_scene(s.xyz, s.rgb, f["augment"], trng) for s in scenes], float(f["voxel_size"]))
+        with torch.no_grad():
+            tlogits = forward(teacher, tb, device)
+        sr, tr = [], []
+        for s, vs, vt in zip(scenes, batch["vertex_voxel"], tb["vertex_voxel"]):
+            pick = torch.from_numpy(rng.choice(len(vs), size=min(CONSISTENCY_POINTS, len(vs)), replace=False))
+            sr.append(vs[pick])
+            tr.append(vt[pick])
+        sr, tr = torch.cat(sr).to(device), torch.cat(tr).to(device)
+        cons = F.mse_loss(F.softmax(logits[sr], 1), F.softmax(tlogits[tr], 1))
+        w = float(semi["consistency_weight"]) * rampup(step, int(semi["rampup_steps"]))
+        loss = loss + w * cons
+        parts["consistency"] = float(cons.detach())
+    return loss, parts
+
+
+def train(cfg: dict, stop_at: int | None = None) -> dict:
+    """Fine-tune (or resume) the run of the current configuration, then evaluate on val."""
+    f = dict(cfg["finetune"])
+    f["voxel_size"] = float(f.get("voxel_size") or cfg["pretrain"]["voxel_size"])
+    wd = get_workdir(cfg)
+    entry = dataset_entry(cfg)
+    ds = LabelledDataset(entry, wd)
+    train_scenes, val = ds.split("train"), ds.split("val")
+    if not val:
+        raise FinetuneError(f"{ds.root}/scannetv2_val.txt lists no scenes: nothing to evaluate on")
+    leak = sorted(set(train_scenes) & set(val))
+    if leak:
+        raise FinetuneError(f"{ds.root}: scenes in both the train and the val split: {', '.join(leak[:3])}")
+    check_val_unseen(cfg, ds, val)
+    scenes, sup = supervision(cfg, ds, train_scenes)
+    ident = sha256_json(identity(cfg))
+    d = run_dir(cfg)
+    info = _read_json(d / "run.json")
+    if info and info.get("complete") and info.get("identity_sha256") == ident:
+        log.info("finetune: %s is complete and up to date, nothing to do", d)
+        return _summary(f, info, d, 0.0, "up to date")
+    if info and info.get("identity_sha256") != ident:
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+
+    device = resolve_device(f.get("device"))
+    net, meta = build_network(cfg)
+    net.to(device)
+    teacher = None
+    if f["semi"]["mean_teacher"]:
+        teacher = build_model(meta["model_name"], 3, NUM_CLASSES).to(device)   # ME modules cannot be deep-copied
+        teacher.load_state_dict(net.state_dict())
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    opt = make_optimizer(f, net.parameters())
+    total = int(f["iterations"])
+    start = 0
+    ck = d / "checkpoint.pt"
+    if ck.exists():
+        state = torch.load(ck, map_location="cpu", weights_only=False)
+        if state.get("identity") == ident:
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if teacher is not None:
+                teacher.load_state_dict(state["teacher"])
+            _set_rng_state(state["rng"])
+            start = int(state["step"])
+    rows = _metrics_rows(d / "metrics.csv", start - 1)
+    base_info = {"config": cfg, "identity_sha256": ident, "steps": total, "meta": meta,
+                 "scenes": {"train": scenes, "val": val},
+                 "supervised_vertices": int(sum(len(v) for v in sup.values()))}
+    _save_json(d / "run.json", {**base_info, "complete": False, "step": start})
+    every = max(1, int(f.get("checkpoint_every", 50)))
+    eval_every = int(f.get("eval_every") or 0)
+    clip = float(f.get("grad_clip", 0.0))
+    end = total if stop_at is None else min(total, int(stop_at))
+    fields = ["step", "loss", "ce", "entropy", "consistency", "lr", "val_miou", "time"]
+    t0 = time.perf_counter()
+    peak_rss = 0
+    net.train()
+    fh = open(d / "metrics.csv", "w", newline="")
+    writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    step = start
+    bar = tqdm(total=end - start, desc=f"finetune/{meta['init']}", unit="step", dynamic_ncols=True, mininterval=1.0)
+    try:
+        for step in range(start, end):
+            lr = lr_at(f, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            names = scene_order(scenes, int(f["seed"]), step, int(f["batch_size"]))
+            opt.zero_grad(set_to_none=True)
+            loss, parts = step_loss(net, teacher, ds, names, sup, f, step, device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"finetune: loss is {loss.item()} at step {step}")
+            loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            opt.step()
+            if teacher is not None:
+                ema_update(teacher, net, float(f["semi"]["ema_decay"]))
+            row = {"step": step, "loss": f"{loss.item():.6f}", "lr": f"{lr:.6g}",
+                   "time": f"{time.perf_counter() - t0:.3f}", **{k: f"{v:.6f}" for k, v in parts.items()}}
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < total:
+                row["val_miou"] = f"{evaluate(net, ds, val, f['voxel_size'], device)['miou'] or 0:.4f}"
+            writer.writerow(row)
+            rows.append(row)
+            peak_rss = max(peak_rss, _rss_mb())
+            bar.set_postfix(loss=row["loss"], refresh=False)
+            bar.update(1)
+            if (step + 1) % every == 0 or step + 1 == end:
+                fh.flush()
+                state = {"step": step + 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                         "rng": _rng_state(), "identity": ident}
+                if teacher is not None:
+                    state["teacher"] = teacher.state_dict()
+                _write_atomic(ck, lambda t: torch.save(state, t))
+                _save_json(d / "run.json", {**base_info, "complete": False, "step": step + 1})
+        else:
+            step = end
+    finally:
+        bar.close()
+        fh.close()
+    seconds = time.perf_counter() - t0
+    if step < total or end < total:
+        return {"init": meta["init"], "status": "stopped", "steps": len(rows), "run_dir": str(d)}
+    ev = evaluate(net, ds, val, f["voxel_size"], device)
+    model = {"model": net.state_dict(), "model_name": meta["model_name"], "in_channels": 3,
+             "out_channels": NUM_CLASSES, "num_classes": NUM_CLASSES, "classes": CLASS_NAMES,
+             "ignore_index": IGNORE_INDEX, "voxel_size": f["voxel_size"], "init": meta["init"],
+             "method": "finetune", "steps": total}
+    _write_atomic(d / "model.pt", lambda t: torch.save(model, t))
+    _save_json(d / "eval.json", {k: v for k, v in ev.items()})
+    title = f"finetune {meta['init']}{'/' + str(meta.get('pretrain_method')) if meta['init'] != 'scratch' else ''}" \
+            f" ({meta['model_name']}, {total} steps) on {len(val)} val scenes"
+    _write_atomic(d / "eval.txt", lambda t: t.write_text(format_table(ev, title) + "\n"))
+    if rows:
+        plot_loss(rows, d / "loss.png", f"finetune ({meta['init']})")
+    timing = {"seconds": round(seconds, 2), "s_per_step": round(seconds / max(1, end - start), 3),
+              "peak_rss_mb": peak_rss}
+    info = {**base_info, "complete": True, "step": total, "timing": timing,
+            "eval": {k: ev[k] for k in ("miou", "macc", "overall_acc")}}
+    _save_json(d / "run.json", info)
+    log.info("finetune: val mIoU %s mAcc %s (%s)", _pct(ev["miou"]), _pct(ev["macc"]), d)
+    return _summary(f, info, d, seconds, "trained")
+
+
+def _rss_mb() -> int:
+    """Peak resident memory of this process so far, MB (Linux ru_maxrss is in KB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+
+
+def _summary(f: dict, info: dict, d: Path, seconds: float, status_: str) -> dict:
+    ev = info.get("eval") or {}
+    return {"init": info["meta"]["init"], "status": status_, "steps": info["steps"],
+            "val_miou": _pct(ev.get("miou")), "val_macc": _pct(ev.get("macc")),
+            "seconds": round(seconds, 1), "run_dir": str(d)}
+
+
+def run(cfg: dict) -> list[dict]:
+    try:
+        return [train(cfg)]
+    except (ReaderError, StoreError) as exc:
+        raise FinetuneError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------- eval CHECKPOINT
+
+def load_segmentation_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """A fine-tuned network from a run folder or model.pt, checked: segmentation head with the
+    benchmark's class count, weights that fit the named architecture."""
+    state = read_model_file(path)
+    where = state["path"]
+    if "num_classes" not in state:
+        raise FinetuneError(f"{where}: a {state.get('method', 'pretrain')} checkpoint without a segmentation "
+                            f"head (no 'num_classes'); fine-tune it first: lift3d run finetune -o "
+                            f"finetune.init={Path(where).parent}")
+    if int(state["num_classes"]) != NUM_CLASSES:
+        raise FinetuneError(f"{where}: the checkpoint predicts {state['num_classes']} classes, the ScanNet "
+                            f"benchmark has {NUM_CLASSES}")
+    net = build_model(state["model_name"], int(state.get("in_channels", 3)), int(state["num_classes"]))
+    _load_weights(net, state["model"], where, skip_final=False)
+    return net, state
+
+
+def eval_checkpoint(cfg: dict, path: str | Path, split: str = "val", dataset: str | None = None) -> dict:
+    """``lift3d eval CHECKPOINT``: scores of a fine-tuned network on a split of a labelled dataset."""
+    net, state = load_segmentation_model(path)
+    if dataset:
+        cfg = {**cfg, "finetune": {**cfg["finetune"], "dataset": dataset}}
+    ds = LabelledDataset(dataset_entry(cfg), get_workdir(cfg))
+    device = resolve_device(cfg["finetune"].get("device"))
+    net.to(device)
+    res = evaluate(net, ds, ds.split(split), float(state["voxel_size"]), device)
+    return {"checkpoint": state["path"], "split": split, **res}
+
+
+__all__ = ["run", "status", "train", "run_dir", "identity", "evaluate", "eval_checkpoint", "FinetuneError",
+           "load_segmentation_model", "read_model_file", "build_network", "augment_scene", "voxelise",
+           "entropy_loss", "rampup", "ema_update", "scene_order", "dataset_entry"]

@@ -1,0 +1,111 @@
+"""The verdict: does pretraining beat training from scratch when labels are scarce?
+
+For each pretraining method (default PPKT ``ppnce`` and ``soft_ce``) the pretrain stage runs
+once (skipped when its run is complete), then fine-tuning runs from scratch and from each
+pretrained network with limited annotations (``la_points`` labelled vertices per training
+scene, an LA file written in the benchmark's format), once per seed. Every run is an
+ordinary, resumable ``finetune`` run folder, so an interrupted verdict picks up where it
+stopped. The table (method, mIoU, mAcc; mean and spread over seeds) goes to the terminal,
+``<workdir>/verdict.json`` and ``<workdir>/verdict.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lift3d.config import workdir as get_workdir
+
+log = logging.getLogger("lift3d")
+
+__all__ = ["run_verdict", "la_file_for", "format_verdict"]
+
+
+def la_file_for(cfg: dict, points: int, seed: int = 0) -> Path:
+    """The LA file of ``points`` labelled vertices per training scene (written once)."""
+    from train.finetune import dataset_entry
+    from train.scenes import LabelledDataset, make_la_file
+
+    entry = dataset_entry(cfg)
+    out = get_workdir(cfg) / "data_efficient" / entry["name"] / f"points{points}_seed{seed}.pth"
+    if not out.exists():
+        ds = LabelledDataset(entry, get_workdir(cfg))
+        make_la_file(ds, ds.split("train"), points, seed, out)
+    return out
+
+
+def _variant(cfg: dict, method: str | None, seed: int, la_points: int | None) -> dict:
+    c = copy.deepcopy(cfg)
+    if method is not None:
+        c["pretrain"]["method"] = method
+    c["finetune"]["init"] = "scratch" if method is None else "pretrain"
+    c["finetune"]["seed"] = int(seed)
+    c["finetune"]["la_file"] = None
+    c["finetune"]["la_points"] = la_points
+    return c
+
+
+def run_verdict(cfg: dict, seeds: list[int], la_points: int | None = 20,
+                methods: tuple[str, ...] = ("ppnce", "soft_ce")) -> dict:
+    """Pretrain each method, fine-tune from scratch and from each, per seed; return the table."""
+    from train import finetune, pretrain
+
+    t0 = time.perf_counter()
+    la = la_file_for(cfg, la_points) if la_points else None
+    pre = {}
+    for m in methods:
+        c = copy.deepcopy(cfg)
+        c["pretrain"]["method"] = m
+        log.info("verdict: pretrain %s", m)
+        pre[m] = pretrain.train(c)
+    runs = []
+    for seed in seeds:
+        for m in (None,) + tuple(methods):
+            c = _variant(cfg, m, seed, la_points)
+            log.info("verdict: finetune from %s, seed %d", m or "scratch", seed)
+            finetune.train(c)
+            info = json.loads((finetune.run_dir(c) / "run.json").read_text())
+            runs.append({"method": m or "scratch", "seed": seed, "miou": info["eval"]["miou"],
+                         "macc": info["eval"]["macc"], "run_dir": str(finetune.run_dir(c)),
+                         "seconds": info.get("timing", {}).get("seconds")})
+    rows = []
+    for m in ("scratch",) + tuple(methods):
+        mine = [r for r in runs if r["method"] == m]
+        mi = np.array([r["miou"] for r in mine], float)
+        ma = np.array([r["macc"] for r in mine], float)
+        rows.append({"method": m, "seeds": len(mine), "miou_mean": float(mi.mean()),
+                     "miou_std": float(mi.std(ddof=1)) if len(mi) > 1 else None,
+                     "macc_mean": float(ma.mean()), "macc_std": float(ma.std(ddof=1)) if len(ma) > 1 else None})
+    res = {"seeds": list(seeds), "la_points": la_points, "la_file": str(la) if la else None,
+           "pretrain": {m: {k: v for k, v in pre[m].items() if k in ("final_loss", "steps", "run_dir")}
+                        for m in methods},
+           "finetune": {k: cfg["finetune"][k] for k in ("iterations", "batch_size", "lr")},
+           "model": cfg["pretrain"]["model"], "voxel_size": cfg["finetune"]["voxel_size"] or cfg["pretrain"]["voxel_size"],
+           "rows": rows, "runs": runs, "seconds": round(time.perf_counter() - t0, 1),
+           "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"}
+    wd = get_workdir(cfg)
+    (wd / "verdict.json").write_text(json.dumps(res, indent=1))
+    (wd / "verdict.md").write_text(format_verdict(res) + "\n")
+    return res
+
+
+def format_verdict(res: dict) -> str:
+    """A markdown table: method, mIoU, mAcc (mean +- sample std over seeds when there are several)."""
+    def cell(mean, std):
+        return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+    la = f"{res['la_points']} labelled points per scene" if res["la_points"] else "all labels"
+    lines = [f"Verdict: fine-tuning with {la}, {len(res['seeds'])} seed(s) {res['seeds']}, "
+             f"{res['model']} at {res['voxel_size']} m, {res['finetune']['iterations']} steps",
+             "", "| method | mIoU (%) | mAcc (%) |", "|---|---|---|"]
+    for r in res["rows"]:
+        name = {"scratch": "scratch", "ppnce": "PPKT (ppnce)", "soft_ce": "soft labels (soft_ce)",
+                "ppkd": "distillation (ppkd)"}.get(r["method"], r["method"])
+        lines.append(f"| {name} | {cell(r['miou_mean'], r['miou_std'])} | {cell(r['macc_mean'], r['macc_std'])} |")
+    return "\n".join(lines)
