@@ -16,6 +16,7 @@ upstream makes this group out of date.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -36,6 +37,30 @@ MAKER = {"frames": "frames", "teacher": "teacher", "points": "points"}
 
 class StoreError(RuntimeError):
     """A store or group is missing, incomplete or from another configuration."""
+
+
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextmanager
+def writing(path: Path, what: str = "write", resume: str = "finished parts are kept, the re-run resumes"):
+    """Turn an OSError while writing under ``path`` into one StoreError naming the file and the
+    cause (disk full, no permission, ...) and saying how to resume. Zarr's write errors often
+    carry no file name ("[Errno 28] No space left on device"): this names it."""
+    try:
+        yield
+    except OSError as exc:
+        where = Path(exc.filename) if exc.filename else Path(path)
+        if where.name.endswith(".partial"):  # zarr's temporary file: name the folder it was for
+            where = where.parent
+        if exc.errno in FULL:
+            hint = "the disk is full (or a quota / file size limit was hit): free space, then re-run"
+        elif exc.errno in DENIED:
+            hint = "no permission to write there: fix the permissions (or the workdir), then re-run"
+        else:
+            hint = "fix the cause, then re-run"
+        raise StoreError(f"{where}: cannot {what}: {exc.strerror or exc}; {hint} ({resume})") from exc
 
 
 def store_path(workdir: Path, store: str) -> Path:
@@ -77,9 +102,10 @@ def open_group(workdir: Path, store: str, group: str, expect_lineage: str | None
 def stage_lock(workdir: Path, stage: str):
     """One running instance per stage and workdir; a second one is refused with a message."""
     lockdir = Path(workdir) / ".locks"
-    lockdir.mkdir(parents=True, exist_ok=True)
     path = lockdir / f"{stage}.lock"
-    fh = open(path, "a+")
+    with writing(path, "write the lock file", "nothing was written yet"):
+        lockdir.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -88,10 +114,15 @@ def stage_lock(workdir: Path, stage: str):
         fh.close()
         raise StoreError(f"stage '{stage}' is already running on {workdir} ({holder}); "
                          f"wait for it to finish or stop it, then re-run") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"pid {os.getpid()}")
-    fh.flush()
+    try:
+        with writing(path, "write the lock file", "nothing was written yet"):
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}")
+            fh.flush()
+    except StoreError:
+        fh.close()
+        raise
     try:
         yield
     finally:
@@ -137,7 +168,8 @@ class GroupWriter:
             for other in self.parts_root.iterdir():
                 if other.name != self.parts_dir.name:
                     shutil.rmtree(other, ignore_errors=True)
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        with writing(self.parts_dir, "create the parts folder"):
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
 
     def part_path(self, scene: str) -> Path:
         return self.parts_dir / f"{scene}.zarr"
@@ -161,6 +193,10 @@ class GroupWriter:
         missing = [s for s in scenes if not self.part_done(s)]
         if missing:
             raise StoreError(f"cannot commit {self.path}: parts not done for scenes {missing[:5]}")
+        with writing(self.path, "write the final group"):
+            return self._commit(scenes, attrs, ragged, chunks or {})
+
+    def _commit(self, scenes: list[str], attrs: dict, ragged: tuple[str, ...], chunks: dict) -> dict:
         parts = [zarr.open_group(str(self.part_path(s)), mode="r") for s in scenes]
         skipped: Counter = Counter()
         for p in parts:
@@ -176,7 +212,6 @@ class GroupWriter:
             node = node.require_group(piece)
         group = node
         group.attrs.update({"complete": False})
-        chunks = chunks or {}
         for n in names:
             ref = parts[0][n]
             shape = (totals[n],) + tuple(ref.shape[1:])
@@ -259,9 +294,10 @@ class PartWriter:
         group keeps each part's codecs, so its chunks are hard-linked, never re-encoded."""
         self.path = Path(path)
         self.compressors = compressors or {}
-        if self.path.exists():
-            shutil.rmtree(self.path)  # a part that was not done is redone from scratch
-        self.group = zarr.open_group(str(self.path), mode="w")
+        with writing(self.path, "write the part"):
+            if self.path.exists():
+                shutil.rmtree(self.path)  # a part that was not done is redone from scratch
+            self.group = zarr.open_group(str(self.path), mode="w")
         self.chunk_rows = chunk_rows or {}
         self.buffers: dict[str, list[np.ndarray]] = {}
         self.skipped: Counter = Counter()
@@ -272,6 +308,10 @@ class PartWriter:
             self.buffers.setdefault(name, []).append(np.asarray(a))
 
     def flush(self) -> None:
+        with writing(self.path, "write the part"):
+            self._flush()
+
+    def _flush(self) -> None:
         for name, blocks in self.buffers.items():
             if not blocks:
                 continue
@@ -287,9 +327,11 @@ class PartWriter:
     def finish(self, templates: dict[str, tuple[tuple, np.dtype]], **attrs) -> None:
         """Flush; create empty arrays (0 rows) from ``templates`` for anything never appended."""
         self.flush()
-        for name, (tail, dtype) in templates.items():
-            if name not in self.group:
-                rows = self.chunk_rows.get(name, 1)
-                self.group.create_array(name, shape=(0,) + tuple(tail), chunks=(rows,) + tuple(tail), dtype=dtype)
-        self.group.attrs.update({**attrs, "skipped": dict(self.skipped)})
-        self.group.attrs.update({"done": True})
+        with writing(self.path, "write the part"):
+            for name, (tail, dtype) in templates.items():
+                if name not in self.group:
+                    rows = self.chunk_rows.get(name, 1)
+                    self.group.create_array(name, shape=(0,) + tuple(tail), chunks=(rows,) + tuple(tail),
+                                            dtype=dtype)
+            self.group.attrs.update({**attrs, "skipped": dict(self.skipped)})
+            self.group.attrs.update({"done": True})

@@ -29,6 +29,18 @@ def frames_config(cfg: dict, entry: dict) -> dict:
     return {"stage": cfg["frames"], "dataset": entry}
 
 
+def rigid_pose(pose) -> bool:
+    """True for a finite camera-to-world rigid transform: a rotation (R^T R = I within 1e-2,
+    det R > 0) and bottom row (0, 0, 0, 1). A singular or degenerate pose (e.g. all zeros, which
+    some exports write where tracking was lost) cannot place the frame in the world."""
+    p = np.asarray(pose, np.float64)
+    if p.shape != (4, 4) or not np.isfinite(p).all():
+        return False
+    r = p[:3, :3]
+    return bool(np.abs(p[3] - (0.0, 0.0, 0.0, 1.0)).max() < 1e-4 and np.abs(r.T @ r - np.eye(3)).max() < 1e-2
+                and np.linalg.det(r) > 0)
+
+
 def templates(h: int, w: int) -> dict:
     return {"rgb": ((h, w, 3), np.uint8), "depth": ((h, w), np.uint16), "intrinsics": ((4,), np.float32),
             "pose": ((4, 4), np.float32), "projection": ((), np.uint8), "scene_index": ((), np.int32),
@@ -47,6 +59,9 @@ def scene_task(entry: dict, workdir: str, scene: str, part: str, stage_cfg: dict
     for item in reader.frames(scene, entry["frame_skip"]):
         if not isinstance(item, Frame):
             pw.skipped[item.reason] += 1
+            continue
+        if not rigid_pose(item.pose):  # finite but singular / not a rotation: skipped and counted
+            pw.skipped["invalid_pose"] += 1
             continue
         if item.rgb.shape != (h, w, 3) or item.depth.shape != (h, w):
             raise ValueError(f"{entry['name']}/{scene} frame {item.source_index}: reader returned rgb "

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from pipeline.reader_common import (bgr_to_rgb, decode_image, entry_image_size, png_size, resize_depth, resize_rgb,
-                                    scale_intrinsics, select_split)
+                                    scale_intrinsics, select_split, subfolders)
 from pipeline.readers import BaseReader, Frame, ReaderError, Skip
 
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
@@ -82,7 +82,7 @@ class Reader(BaseReader):
     def scenes(self) -> list[str]:
         if not self.root.is_dir():
             raise ReaderError(f"{self.root}: not a folder (expected <root>/<house>/undistorted_*)")
-        found = sorted(p.name for p in self.root.iterdir() if self.conf_path(p.name).is_file())
+        found = sorted(p.name for p in subfolders(self.root) if self.conf_path(p.name).is_file())
         split = self.entry.get("split", "all")
         out = select_split(found, self.root, split, self.root / f"scenes_{split}.txt", "house")
         if not out:

@@ -24,7 +24,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.reader_common import (bgr_to_rgb, entry_image_size, read_bytes, read_pose, resize_depth,  # noqa: E402
-                                    resize_rgb, select_split)
+                                    resize_rgb, select_split, subfolders)
 from pipeline.readers import EQUIRECT, BaseReader, Frame, ReaderError, Skip  # noqa: E402
 
 NAN4 = np.full(4, np.nan, np.float32)
@@ -77,7 +77,7 @@ class Reader(BaseReader):
     def scenes(self) -> list[str]:
         if not self.root.is_dir():
             raise ReaderError(f"{self.root}: not a folder (expected <root>/<house>/<name>_rgb.png ...)")
-        found = sorted(p.name for p in self.root.iterdir() if p.is_dir() and
+        found = sorted(p.name for p in subfolders(self.root) if
                        (any(p.glob("*_rgb.png")) or any(p.glob("*_rgb.jpg"))))
         split = self.entry.get("split", "all")
         out = select_split(found, self.root, split, self.root / f"scenes_{split}.txt", "house")
@@ -88,6 +88,7 @@ class Reader(BaseReader):
     def stored_size(self) -> tuple[int, int]:
         if self._size is None:
             size = entry_image_size(self.entry)
+            where = f"dataset {self.entry.get('name')!r}: image_size"
             if size is None:
                 pairs = self.pairs(self.scenes()[0])
                 if not pairs:
@@ -96,9 +97,10 @@ class Reader(BaseReader):
                 if img is None:
                     raise ReaderError(f"{pairs[0][1]}: cannot decode the first panorama (to find the stored size)")
                 size = img.shape[:2]
+                where = f"{pairs[0][1]} (the first panorama, which sets the stored size)"
             if size[1] != 2 * size[0]:
-                raise ReaderError(f"dataset {self.entry.get('name')!r}: stored panorama size {size[1]}x{size[0]} "
-                                  f"must have W = 2H")
+                raise ReaderError(f"{where}: stored panorama size {size[1]}x{size[0]} must have W = 2H "
+                                  f"(wrong aspect ratio)")
             self._size = tuple(int(x) for x in size)
         return self._size
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -43,6 +44,29 @@ def select_split(found: list[str], root: Path, split: str, path: Path, what: str
         raise ReaderError(f"{path}: {len(missing)} of the {len(wanted)} {what}s of split {split!r} are not under "
                           f"{root} (first: {', '.join(missing[:3])})")
     return wanted
+
+
+IGNORED_DIRS = ("lost+found",)  # a file system's own folder at a mount point, never a scene
+
+
+def subfolders(root: Path) -> list[Path]:
+    """The folders directly under ``root``, sorted. A folder that cannot be listed is an error
+    naming it: a scene left out because of its permissions would be lost without a word."""
+    try:
+        found = sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name not in IGNORED_DIRS)
+    except OSError as exc:
+        raise ReaderError(f"{root}: cannot list the folder: {exc.strerror or exc}") from None
+    for p in found:
+        readable_folder(p)
+    return found
+
+
+def readable_folder(path: Path) -> None:
+    """ReaderError naming ``path`` when its entries cannot be listed (e.g. permission denied)."""
+    try:
+        os.listdir(path)
+    except OSError as exc:
+        raise ReaderError(f"{path}: unreadable folder: {exc.strerror or exc}") from None
 
 
 def read_bytes(path: Path) -> bytes:

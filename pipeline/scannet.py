@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from pipeline.reader_common import (entry_image_size, read_split, resize_depth, scale_intrinsics,
-                                    select_split, shrink_interpolation)
+                                    select_split, shrink_interpolation, subfolders)
 from pipeline.readers import BaseReader, Frame, ReaderError, Skip
 from pipeline.sens_format import (COLOR_JPEG, COLOR_PNG, COLOR_RAW, DEPTH_RAW, DEPTH_ZLIB, SensHeader,
                                   iter_frames, read_header)
@@ -73,7 +73,7 @@ class Reader(BaseReader):
         d = self.scans_dir()
         if not d.is_dir():
             raise ReaderError(f"{d}: not a folder (expected <root>/scans/<scene>/<scene>.sens)")
-        found = sorted(p.name for p in d.iterdir() if (p / f"{p.name}.sens").is_file())
+        found = sorted(p.name for p in subfolders(d) if (p / f"{p.name}.sens").is_file())
         split = self.entry.get("split", "all")
         out = select_split(found, d, split, self.root / f"scannetv2_{split}.txt")
         if not out:

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from pipeline.reader_common import (entry_image_size, png_size, read_bytes, read_matrix, read_pose, resize_depth,
-                                    scale_intrinsics, select_split, shrink_interpolation)
+                                    scale_intrinsics, select_split, shrink_interpolation, subfolders)
 from pipeline.readers import BaseReader, Frame, ReaderError, Skip
 from pipeline.scannet import color_warp
 
@@ -42,7 +42,7 @@ class Reader(BaseReader):
     def scenes(self) -> list[str]:
         if not self.root.is_dir():
             raise ReaderError(f"{self.root}: not a folder (expected <root>/<scene>/color, depth, pose, intrinsic)")
-        found = sorted(p.name for p in self.root.iterdir() if (p / "depth").is_dir() and (p / "color").is_dir())
+        found = sorted(p.name for p in subfolders(self.root) if (p / "depth").is_dir() and (p / "color").is_dir())
         split = self.entry.get("split", "all")
         out = select_split(found, self.root, split, self.root / f"scannetv2_{split}.txt")
         if not out:

@@ -102,7 +102,10 @@ class Reader(BaseReader):
         """Image folders under root (not descending into one once found), as root-relative ids."""
         root = self._root()
         found = []
-        for dirpath, dirnames, filenames in os.walk(root):
+        def unreadable(exc: OSError):  # os.walk leaves such a folder out without a word otherwise
+            raise ReaderError(f"{exc.filename}: unreadable folder: {exc.strerror or exc}")
+
+        for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
             if "image" in dirnames and ("depth" in dirnames or "depth_bfx" in dirnames):
                 rel = Path(dirpath).relative_to(root).as_posix()
                 found.append(rel)

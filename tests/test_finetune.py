@@ -260,3 +260,16 @@ def test_cli_eval_checkpoint_and_verdict(wd, tmp_path):
     assert json.loads((tmp_path / "e.json").read_text())["miou"] == pytest.approx(res["runs"][1]["miou"])
     bad = CliRunner().invoke(main, ["eval", str(tmp_path / "nothing.pt"), "-c", str(cfg_path)])
     assert bad.exit_code != 0 and "nothing.pt: no such checkpoint" in bad.output
+
+
+def test_missing_labelled_mesh_is_named(tmp_path):
+    root = tmp_path / "scannet"
+    (root / "scans" / "scene0000_00").mkdir(parents=True)
+    (root / "scannetv2_train.txt").write_text("scene0000_00\n")
+    ds = SC.LabelledDataset({"name": "s", "kind": "scannet", "root": str(root), "split": "train"}, tmp_path)
+    with pytest.raises(ReaderError, match=r"scannetv2_train\.txt.*scene0000_00_vh_clean_2\.labels\.ply"):
+        ds.split("train")
+    with pytest.raises(ReaderError, match=r"scannetv2_val\.txt not found"):
+        ds.split("val")
+    with pytest.raises(ReaderError, match="kind 'sunrgbd' has no labelled meshes"):
+        SC.LabelledDataset({"name": "x", "kind": "sunrgbd", "root": str(root)}, tmp_path)

@@ -45,13 +45,14 @@ from tqdm import tqdm
 
 from lift3d.backbones import sha256_path
 from lift3d.config import sha256_json, workdir as get_workdir
-from lift3d.store import StoreError
+from lift3d.store import StoreError, stage_lock, writing
 from pipeline.readers import ReaderError, make_reader
 from train import augment as A
 from train.metrics import confusion_matrix, format_table, segmentation_scores
 from train.models import MODELS, build_model
-from train.pretrain import (_metrics_rows, _read_json, _rng_state, _save_json, _set_rng_state, _write_atomic,
-                            lr_at, make_optimizer, plot_loss, resolve_device)
+from train.pretrain import (RESUME, _metrics_rows, _read_json, _rng_state, _save_json, _set_rng_state,
+                            _torch_save, _write_atomic, _write_metrics, lr_at, make_optimizer, plot_loss,
+                            resolve_device)
 from train.scenes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, LabelledDataset, read_la_file, read_lr_file
 
 log = logging.getLogger("lift3d")
@@ -478,10 +479,10 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     t0 = time.perf_counter()
     peak_rss = 0
     net.train()
-    fh = open(d / "metrics.csv", "w", newline="")
+    # earlier rows are rewritten atomically, then appended to (a kill here loses nothing)
+    _write_atomic(d / "metrics.csv", lambda t: _write_metrics(t, rows, fields))
+    fh = open(d / "metrics.csv", "a", newline="")
     writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
     step = start
     bar = tqdm(total=end - start, desc=f"finetune/{meta['init']}", unit="step", dynamic_ncols=True, mininterval=1.0)
     try:
@@ -510,18 +511,22 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
             bar.set_postfix(loss=row["loss"], refresh=False)
             bar.update(1)
             if (step + 1) % every == 0 or step + 1 == end:
-                fh.flush()
+                with writing(d / "metrics.csv", "write", RESUME):
+                    fh.flush()
                 state = {"step": step + 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
                          "rng": _rng_state(), "identity": ident}
                 if teacher is not None:
                     state["teacher"] = teacher.state_dict()
-                _write_atomic(ck, lambda t: torch.save(state, t))
+                _write_atomic(ck, lambda t: _torch_save(state, t))
                 _save_json(d / "run.json", {**base_info, "complete": False, "step": step + 1})
         else:
             step = end
     finally:
         bar.close()
-        fh.close()
+        try:
+            fh.close()
+        except OSError:  # a failed write is being reported already; the checkpoint holds the rows
+            pass
     seconds = time.perf_counter() - t0
     if step < total or end < total:
         return {"init": meta["init"], "status": "stopped", "steps": len(rows), "run_dir": str(d)}
@@ -530,7 +535,7 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
              "out_channels": NUM_CLASSES, "num_classes": NUM_CLASSES, "classes": CLASS_NAMES,
              "ignore_index": IGNORE_INDEX, "voxel_size": f["voxel_size"], "init": meta["init"],
              "method": "finetune", "steps": total}
-    _write_atomic(d / "model.pt", lambda t: torch.save(model, t))
+    _write_atomic(d / "model.pt", lambda t: _torch_save(model, t))
     _save_json(d / "eval.json", {k: v for k, v in ev.items()})
     title = f"finetune {meta['init']}{'/' + str(meta.get('pretrain_method')) if meta['init'] != 'scratch' else ''}" \
             f" ({meta['model_name']}, {total} steps) on {len(val)} val scenes"
@@ -561,8 +566,10 @@ def _summary(f: dict, info: dict, d: Path, seconds: float, status_: str) -> dict
 
 
 def run(cfg: dict) -> list[dict]:
+    """One summary row. One process per run folder: a second one on the same run is refused."""
     try:
-        return [train(cfg)]
+        with stage_lock(get_workdir(cfg), f"finetune-{run_dir(cfg).name}"):
+            return [train(cfg)]
     except (ReaderError, StoreError) as exc:
         raise FinetuneError(str(exc)) from None
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from lift3d.config import sha256_json, workdir as get_workdir
 from lift3d.stages import groups
-from lift3d.store import StoreError, group_state
+from lift3d.store import StoreError, group_state, stage_lock, writing
 from train.data import METHODS, loader, open_sources
 from train.heads import UPL, ProjectionHead3D, SegHead
 from train.losses import ppkd, ppnce, soft_ce, topk_to_dense
@@ -104,10 +104,28 @@ def _read_json(path: Path):
         return None
 
 
+RESUME = "the last checkpoint is kept: the re-run resumes from it"
+
+
 def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)``, then rename over ``path``. A failed write (disk full, no permission) is one
+    StoreError naming ``path``; torch.save reports it as a RuntimeError whose context is the
+    OSError (when it writes through a Python file object), so that one is unwrapped."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with writing(path, "write", RESUME):
+        try:
+            write(tmp)
+        except RuntimeError as exc:
+            if not isinstance(exc.__context__, OSError):
+                raise
+            tmp.unlink(missing_ok=True)
+            raise exc.__context__ from None
+        os.replace(tmp, path)
+
+
+def _torch_save(obj, path: Path) -> None:
+    with open(path, "wb") as fh:  # a Python file object: its OSError reaches _write_atomic
+        torch.save(obj, fh)
 
 
 def _save_json(path: Path, obj) -> None:
@@ -243,7 +261,7 @@ def save_checkpoint(path: Path, learner: Learner, opt, step: int, upstream: dict
     state = {"step": step, "model": learner.net.state_dict(),
              "heads": {k: v for k, v in learner.state_dict().items() if not k.startswith("net.")},
              "optimizer": opt.state_dict(), "rng": _rng_state(), "upstream": upstream, "identity": ident}
-    _write_atomic(path, lambda t: torch.save(state, t))
+    _write_atomic(path, lambda t: _torch_save(state, t))
 
 
 def load_checkpoint(path: Path, learner: Learner, opt, upstream: dict, ident: str) -> int:
@@ -265,6 +283,16 @@ def _metrics_rows(path: Path, upto: int) -> list[dict]:
         return []
     with open(path, newline="") as fh:
         return [r for r in csv.DictReader(fh) if int(r["step"]) <= upto]
+
+
+METRICS = ["step", "loss", "lr", "time"]
+
+
+def _write_metrics(path: Path, rows: list[dict], fields: list[str] = METRICS) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def plot_loss(rows: list[dict], path: Path, title: str) -> None:
@@ -323,11 +351,11 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     clip = float(p.get("grad_clip", 0.0))
     learner.train()
     t0 = time.perf_counter()
-    fh = open(d / "metrics.csv", "w", newline="")
-    writer = csv.DictWriter(fh, fieldnames=["step", "loss", "lr", "time"])
-    writer.writeheader()
-    writer.writerows(rows)
-    fh.flush()
+    # the rows kept from an earlier run are rewritten atomically, then appended to: a kill
+    # while the file is being rewritten must not lose the rows before the checkpoint
+    _write_atomic(d / "metrics.csv", lambda t: _write_metrics(t, rows))
+    fh = open(d / "metrics.csv", "a", newline="")
+    writer = csv.DictWriter(fh, fieldnames=METRICS)
     step = start
     bar = tqdm(total=end - start, desc=f"pretrain/{p['method']}", unit="step", dynamic_ncols=True, mininterval=1.0)
     try:
@@ -353,20 +381,23 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
                 bar.update(1)
                 step += 1
                 if step % every == 0 or step == end:
-                    fh.flush()
+                    with writing(d / "metrics.csv", "write", RESUME):
+                        fh.flush()
                     save_checkpoint(d / "checkpoint.pt", learner, opt, step, upstream, ident)
                     _save_json(d / "run.json", {"config": cfg, "identity_sha256": ident, "upstream": upstream,
                                                 "complete": False, "step": step, "steps": total})
     finally:
         bar.close()
-        fh.close()
+        try:
+            fh.close()
+        except OSError:  # a failed write is being reported already; the checkpoint holds the rows
+            pass
     seconds = time.perf_counter() - t0
     if step < total:
         return _summary(p, rows, d, seconds, step - start, "stopped")
-    torch.save({"model": learner.net.state_dict(), "model_name": p["model"], "in_channels": 3,
-                "out_channels": int(p["feature_dim"]), "method": p["method"], "steps": total},
-               d / "model.pt.tmp")
-    os.replace(d / "model.pt.tmp", d / "model.pt")
+    _write_atomic(d / "model.pt", lambda t: _torch_save(
+        {"model": learner.net.state_dict(), "model_name": p["model"], "in_channels": 3,
+         "out_channels": int(p["feature_dim"]), "method": p["method"], "steps": total}, t))
     if rows:
         plot_loss(rows, d / "loss.png", f"pretrain {p['method']} ({p['model']})")
     _save_json(d / "run.json", {"config": cfg, "identity_sha256": ident, "upstream": upstream,
@@ -383,8 +414,10 @@ def _summary(p: dict, rows: list[dict], d: Path, seconds: float, steps_now: int,
 
 
 def run(cfg: dict) -> list[dict]:
-    """Run the pretrain stage; one summary row."""
-    return [train(cfg)]
+    """Run the pretrain stage; one summary row. One process per run folder: a second one on the
+    same run is refused with a message (two would write the same checkpoint and metrics)."""
+    with stage_lock(get_workdir(cfg), f"pretrain-{run_dir(cfg).name}"):
+        return [train(cfg)]
 
 
 __all__ = ["run", "status", "train", "run_dir", "identity", "compute_loss", "Learner", "build",

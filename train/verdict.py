@@ -52,8 +52,10 @@ def _variant(cfg: dict, method: str | None, seed: int, la_points: int | None) ->
 
 
 def run_verdict(cfg: dict, seeds: list[int], la_points: int | None = 20,
-                methods: tuple[str, ...] = ("ppnce", "soft_ce")) -> dict:
-    """Pretrain each method, fine-tune from scratch and from each, per seed; return the table."""
+                methods: tuple[str, ...] = ("ppnce", "soft_ce"), distill: bool = False) -> dict:
+    """Pretrain each method, fine-tune from scratch and from each, per seed; return the table.
+    ``distill``: also run 3D-to-2D distillation from the network fine-tuned from the first method
+    (first seed) and report its 2D mIoU against the same 2D network without the 3D branch."""
     from train import finetune, pretrain
 
     t0 = time.perf_counter()
@@ -63,13 +65,13 @@ def run_verdict(cfg: dict, seeds: list[int], la_points: int | None = 20,
         c = copy.deepcopy(cfg)
         c["pretrain"]["method"] = m
         log.info("verdict: pretrain %s", m)
-        pre[m] = pretrain.train(c)
+        pre[m] = pretrain.run(c)[0]
     runs = []
     for seed in seeds:
         for m in (None,) + tuple(methods):
             c = _variant(cfg, m, seed, la_points)
             log.info("verdict: finetune from %s, seed %d", m or "scratch", seed)
-            finetune.train(c)
+            finetune.run(c)
             info = json.loads((finetune.run_dir(c) / "run.json").read_text())
             runs.append({"method": m or "scratch", "seed": seed, "miou": info["eval"]["miou"],
                          "macc": info["eval"]["macc"], "run_dir": str(finetune.run_dir(c)),
@@ -89,6 +91,13 @@ def run_verdict(cfg: dict, seeds: list[int], la_points: int | None = 20,
            "model": cfg["pretrain"]["model"], "voxel_size": cfg["finetune"]["voxel_size"] or cfg["pretrain"]["voxel_size"],
            "rows": rows, "runs": runs, "seconds": round(time.perf_counter() - t0, 1),
            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores"}
+    if distill:
+        from train import distill2d
+
+        c = _variant(cfg, methods[0] if methods else None, seeds[0], la_points)
+        log.info("verdict: distill2d from the network fine-tuned from %s", methods[0] if methods else "scratch")
+        distill2d.run(c)
+        res["distill2d"] = {**distill2d.summary(c), "from": methods[0] if methods else "scratch"}
     wd = get_workdir(cfg)
     (wd / "verdict.json").write_text(json.dumps(res, indent=1))
     (wd / "verdict.md").write_text(format_verdict(res) + "\n")
@@ -108,4 +117,10 @@ def format_verdict(res: dict) -> str:
         name = {"scratch": "scratch", "ppnce": "PPKT (ppnce)", "soft_ce": "soft labels (soft_ce)",
                 "ppkd": "distillation (ppkd)"}.get(r["method"], r["method"])
         lines.append(f"| {name} | {cell(r['miou_mean'], r['miou_std'])} | {cell(r['macc_mean'], r['macc_std'])} |")
+    d = res.get("distill2d")
+    if d:
+        lines += ["", f"2D mIoU (%) on held-out frames, 3D-to-2D distillation from the network fine-tuned from "
+                      f"{d['from']}:", "", "| 2D network | 2D mIoU (%) |", "|---|---|",
+                  f"| baseline (no 3D branch) | {100 * d['2D mIoU baseline']:.1f} |",
+                  f"| distilled | {100 * d['2D mIoU distilled']:.1f} |"]
     return "\n".join(lines)
