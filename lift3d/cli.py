@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -242,9 +243,11 @@ def eval_teacher_cmd(dataset, config_path, overrides):
 @click.option("--methods", default="ppnce,soft_ce", show_default=True, help="Pretraining methods to compare.")
 @click.option("--distill2d/--no-distill2d", "distill", default=True, show_default=True,
               help="Also run 3D-to-2D distillation from the first method's fine-tuned network (2D mIoU rows).")
+@click.option("--jobs", default=min(2, os.cpu_count() or 1), show_default=True, type=int,
+              help="Stage runs at once, one thread each (independent runs; results do not depend on it).")
 @config_opt
 @override_opt
-def verdict(seeds, la_points, methods, distill, config_path, overrides):
+def verdict(seeds, la_points, methods, distill, jobs, config_path, overrides):
     """Fine-tune from scratch and from each pretraining method; print mIoU / mAcc per method."""
     from train.verdict import format_verdict, run_verdict
 
@@ -255,7 +258,7 @@ def verdict(seeds, la_points, methods, distill, config_path, overrides):
         raise click.ClickException(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
     try:
         res = run_verdict(cfg, seed_list, la_points or None, tuple(m.strip() for m in methods.split(",") if m.strip()),
-                          distill)
+                          distill, jobs)
     except Exception as exc:
         _fail("verdict", exc)
     click.echo("\n" + format_verdict(res))

@@ -247,7 +247,7 @@ def test_cli_eval_checkpoint_and_verdict(wd, tmp_path):
 
     cfg_path.write_text(yaml.safe_dump({k: cfg[k] for k in ("workdir", "datasets", "cluster", "teacher",
                                                            "pretrain", "finetune")}))
-    res = run_verdict(C.load(cfg_path), [0], la_points=5, methods=("ppnce",))
+    res = run_verdict(C.load(cfg_path), [0], la_points=5, methods=("ppnce",), jobs=2)   # worker processes
     assert [r["method"] for r in res["rows"]] == ["scratch", "ppnce"]
     for r in res["runs"]:
         ev = json.loads((__import__("pathlib").Path(r["run_dir"]) / "eval.json").read_text())
