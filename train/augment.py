@@ -1,5 +1,6 @@
-"""3D-only augmentations for pretraining (the 2D side is never augmented: the teacher cache
-cannot reproduce a 2D augmentation, so every point keeps its stored pixel).
+"""3D augmentations for pretraining. The 2D side is augmented only by the horizontal flip that a
+teacher flip pass makes exact (train.data, ``pretrain.augment.flip_2d``): the cache cannot
+reproduce any other 2D augmentation, so every other point keeps its stored pixel.
 
 All functions take and return numpy arrays and draw from an explicit ``np.random.Generator``,
 so a batch's augmentation is a pure function of its seed (workers and resumes agree).

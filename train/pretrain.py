@@ -18,6 +18,26 @@ run's identity, the pretrain section minus bookkeeping keys plus the datasets an
 name): ``checkpoint.pt`` (latest, atomic), ``model.pt`` (final 3D network), ``metrics.csv``,
 ``loss.png`` and ``run.json`` (config, upstream lineages, ``complete``). A killed run resumes
 from its checkpoint and ends with the same weights as an uninterrupted one (CPU).
+
+Data-parallel training (``torchrun --nproc_per_node=N -m lift3d.cli run pretrain``): when the
+environment names more than one process (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT, as
+torchrun sets them), every process joins a ``torch.distributed`` group (``pretrain.backend``:
+auto = nccl on CUDA, gloo on the CPU), takes its slice of every batch (train.data: global batch
+b is the same ``batch_size`` frames for any process count, rank r reads B / W of them) and runs
+the method's loss in a DistributedDataParallel wrapper, which averages the gradients over the
+ranks before clipping and the optimiser step, so every rank holds the same weights. Rank 0 alone
+takes the run's lock and writes ``checkpoint.pt``, ``metrics.csv`` (the loss logged is the mean
+over the ranks), ``tb/``, ``model.pt``, ``loss.png`` and ``run.json`` (with ``world_size``); every
+rank resumes from the same checkpoint. The process count is not part of the run's identity;
+a resume with another count continues from the checkpoint with a warning that the rest of the
+run differs from an uninterrupted one. MinkowskiEngine's batch norm is not synchronised (ME has
+no SyncBN on the CPU): each rank normalises with the statistics of its own B / W frames, and the
+running statistics saved are rank 0's (DDP broadcasts rank 0's buffers before every forward).
+For ``ppnce`` each rank draws ``n_sub`` pairs and its InfoNCE negatives come from its own frames.
+
+TensorBoard: when ``torch.utils.tensorboard`` imports, rank 0 also writes the scalars of
+metrics.csv (loss, lr) to ``<run dir>/tb/``; otherwise one log line says it is off. metrics.csv
+stays the record (resume and the summary read it).
 """
 
 from __future__ import annotations
@@ -29,7 +49,8 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +68,16 @@ from train.models import build_model
 log = logging.getLogger("lift3d")
 
 # keys that do not change what is learned (left out of the run's identity)
-BOOKKEEPING = ("num_workers", "checkpoint_every", "run_name", "log_every")
+BOOKKEEPING = ("num_workers", "checkpoint_every", "run_name", "log_every", "backend")
 
 
 # ----------------------------------------------------------------------------- identity
 
 def identity(cfg: dict) -> dict:
     p = {k: v for k, v in cfg["pretrain"].items() if k not in BOOKKEEPING}
+    if not cfg["teacher"].get("flip_pass") and isinstance(p.get("augment"), dict):
+        # without a teacher flip pass flip_2d cannot act: runs keep the identity they had before it
+        p["augment"] = {k: v for k, v in p["augment"].items() if k != "flip_2d"}
     return {"pretrain": p, "datasets": cfg["datasets"], "teacher": cfg["teacher"]["name"]}
 
 
@@ -241,6 +265,146 @@ def build(cfg: dict, sources) -> tuple[Learner, torch.optim.Optimizer]:
     return learner, make_optimizer(p, learner.parameters())
 
 
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the data-parallel group (rank 0 of 1 without one)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        return DistInfo(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo()
+
+
+def dist_backend(cfg: dict) -> str:
+    """``pretrain.backend``: auto = nccl when the trainer runs on CUDA, gloo otherwise."""
+    b = cfg["pretrain"].get("backend", "auto") or "auto"
+    if b == "auto":
+        return "nccl" if resolve_device(cfg["pretrain"].get("device")).type == "cuda" else "gloo"
+    return str(b)
+
+
+def init_distributed(cfg: dict) -> bool:
+    """Join the process group that torchrun's environment describes (WORLD_SIZE > 1); True when
+    this call created it (the caller then destroys it)."""
+    import torch.distributed as tdist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or tdist.is_initialized():
+        return False
+    backend = dist_backend(cfg)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    tdist.init_process_group(backend=backend)
+    info = dist_info()
+    log.info("pretrain: rank %d of %d (backend %s, local rank %d)", info.rank, info.world, backend,
+             info.local_rank)
+    return True
+
+
+class LossModule(torch.nn.Module):
+    """The learner's loss as a module's forward, so that DistributedDataParallel sees the forward
+    pass (its gradient all-reduce hooks are armed there)."""
+
+    def __init__(self, learner: Learner, p: dict, device: torch.device, amp: bool):
+        super().__init__()
+        self.learner, self.p, self.device, self.amp = learner, p, device, amp
+
+    def forward(self, batch: dict, step: int) -> torch.Tensor:
+        return compute_loss(self.learner, batch, self.p, self.device, step, self.amp)
+
+
+def wrap_ddp(learner: Learner, p: dict, device: torch.device, amp: bool):
+    """DistributedDataParallel around the learner's loss: gradients are averaged over the ranks
+    in backward; rank 0's weights and buffers are broadcast at construction. Inputs are not moved
+    by DDP (device_ids None): compute_loss moves what it needs."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(LossModule(learner, p, device, amp), device_ids=None,
+                                   find_unused_parameters=False)
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        import torch.distributed as tdist
+
+        tdist.barrier()
+
+
+def _mean_over_ranks(x: torch.Tensor, info: DistInfo) -> float:
+    """The mean of a scalar over the ranks (the value itself in one process)."""
+    x = x.detach().float().reshape(1).clone()
+    if info.world > 1:
+        import torch.distributed as tdist
+
+        if tdist.get_backend() == "nccl":
+            x = x.to(torch.device("cuda", torch.cuda.current_device()))
+        tdist.all_reduce(x)
+        x = x / info.world
+    return float(x.cpu()[0])
+
+
+def _rank0_decides(info: DistInfo, fn):
+    """Run ``fn`` on rank 0 and hand its result (or its exception) to every rank."""
+    if info.world == 1:
+        return fn()
+    import torch.distributed as tdist
+
+    box = [None]
+    if info.main:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as exc:  # every rank raises it
+            box[0] = ("error", exc)
+    tdist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+class _TensorBoard:
+    """Scalars to ``<run dir>/tb/`` when ``torch.utils.tensorboard`` imports; otherwise off,
+    said once in the log. ``purge_step`` hides the events a killed run logged after its last
+    checkpoint."""
+
+    def __init__(self, d: Path, start: int, enabled: bool):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            log.info("pretrain: TensorBoard logging is off: the 'tensorboard' package is not installed "
+                     "(%s); metrics.csv has every value", exc)
+            return
+        self.writer = SummaryWriter(log_dir=str(d / "tb"), purge_step=start if start > 0 else None)
+        log.info("pretrain: TensorBoard scalars in %s", d / "tb")
+
+    def add(self, row: dict) -> None:
+        if self.writer is not None:
+            for key in ("loss", "lr"):
+                self.writer.add_scalar(f"pretrain/{key}", float(row[key]), int(row["step"]))
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 # ----------------------------------------------------------------------------- run
 
 def _rng_state() -> dict:
@@ -257,10 +421,13 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(path: Path, learner: Learner, opt, step: int, upstream: dict, ident: str) -> None:
+def save_checkpoint(path: Path, learner: Learner, opt, step: int, upstream: dict, ident: str,
+                    world: int = 1) -> None:
     state = {"step": step, "model": learner.net.state_dict(),
              "heads": {k: v for k, v in learner.state_dict().items() if not k.startswith("net.")},
              "optimizer": opt.state_dict(), "rng": _rng_state(), "upstream": upstream, "identity": ident}
+    if world > 1:
+        state["world_size"] = int(world)
     _write_atomic(path, lambda t: _torch_save(state, t))
 
 
@@ -275,6 +442,12 @@ def load_checkpoint(path: Path, learner: Learner, opt, upstream: dict, ident: st
     learner.load_state_dict({**{f"net.{k}": v for k, v in state["model"].items()}, **state["heads"]})
     opt.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
+    info, was = dist_info(), int(state.get("world_size", 1))
+    if info.world != was and info.main:
+        log.warning("pretrain: %s was written by %d process(es), this run has %d: the batches stay the same, "
+                    "but batch-norm statistics and the augmentation draws depend on the process count, so "
+                    "from step %d on the result differs from an uninterrupted run", path, was, info.world,
+                    int(state["step"]))
     return int(state["step"])
 
 
@@ -320,23 +493,32 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> None:
 
 def train(cfg: dict, stop_at: int | None = None) -> dict:
     """Train (or resume) the run of the current configuration. ``stop_at`` ends the process
-    after that many total steps without completing the run (tests use it as a 'kill')."""
+    after that many total steps without completing the run (tests use it as a 'kill').
+    Inside a data-parallel group every rank calls this; rank 0 alone writes the run folder."""
     p = cfg["pretrain"]
+    dd = dist_info()
     sources = open_sources(cfg)  # refuses missing / incomplete / stale caches
     upstream = upstream_lineages(cfg)
     ident = sha256_json(identity(cfg))
     d = run_dir(cfg)
     info = _read_json(d / "run.json")
+    _barrier(dd)  # every rank has read run.json before rank 0 changes the folder
     if info and info.get("complete") and info.get("upstream") == upstream:
-        log.info("pretrain: %s is complete and up to date, nothing to do", d)
+        if dd.main:
+            log.info("pretrain: %s is complete and up to date, nothing to do", d)
         rows = _metrics_rows(d / "metrics.csv", 1 << 62)
         return _summary(p, rows, d, 0.0, 0, "up to date")
-    if info and info.get("upstream") != upstream and d.exists():
-        log.info("pretrain: %s was trained on other caches; starting over", d)
-        shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
+    if dd.main:
+        if info and info.get("upstream") != upstream and d.exists():
+            log.info("pretrain: %s was trained on other caches; starting over", d)
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+    _barrier(dd)
 
     device = resolve_device(p.get("device"))
+    if dd.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", dd.local_rank)  # one process per GPU
+        torch.cuda.set_device(device)
     amp = bool(p.get("amp", True)) and device.type == "cuda"
     np.random.seed(int(p["seed"]) % (2 ** 32))
     learner, opt = build(cfg, sources)
@@ -344,64 +526,91 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     total = int(p["iterations"])
     start = load_checkpoint(d / "checkpoint.pt", learner, opt, upstream, ident)
     rows = _metrics_rows(d / "metrics.csv", start - 1)
-    _save_json(d / "run.json", {"config": cfg, "identity_sha256": ident, "upstream": upstream,
-                                "complete": False, "step": start, "steps": total})
+    _barrier(dd)  # every rank has read the checkpoint and the metrics before rank 0 rewrites them
+
+    def run_info(complete: bool, step: int) -> dict:
+        out = {"config": cfg, "identity_sha256": ident, "upstream": upstream,
+               "complete": complete, "step": step, "steps": total}
+        if dd.world > 1:
+            out["world_size"] = dd.world
+        return out
+
+    if dd.main:
+        _save_json(d / "run.json", run_info(False, start))
     end = total if stop_at is None else min(total, int(stop_at))
     every = max(1, int(p.get("checkpoint_every", 50)))
     clip = float(p.get("grad_clip", 0.0))
+    ddp = wrap_ddp(learner, p, device, amp) if dd.world > 1 else None
     learner.train()
     t0 = time.perf_counter()
-    # the rows kept from an earlier run are rewritten atomically, then appended to: a kill
-    # while the file is being rewritten must not lose the rows before the checkpoint
-    _write_atomic(d / "metrics.csv", lambda t: _write_metrics(t, rows))
-    fh = open(d / "metrics.csv", "a", newline="")
-    writer = csv.DictWriter(fh, fieldnames=METRICS)
+    fh = writer = None
+    if dd.main:
+        # the rows kept from an earlier run are rewritten atomically, then appended to: a kill
+        # while the file is being rewritten must not lose the rows before the checkpoint
+        _write_atomic(d / "metrics.csv", lambda t: _write_metrics(t, rows))
+        fh = open(d / "metrics.csv", "a", newline="")
+        writer = csv.DictWriter(fh, fieldnames=METRICS)
+    tb = _TensorBoard(d, start, enabled=dd.main)
     step = start
-    bar = tqdm(total=end - start, desc=f"pretrain/{p['method']}", unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=end - start, desc=f"pretrain/{p['method']}", unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not dd.main)
     try:
         if start < end:
-            for batch in loader(cfg, sources, start=start, stop=end):
+            for batch in loader(cfg, sources, start=start, stop=end, rank=dd.rank, world=dd.world):
                 step = int(batch["step"])
                 lr = lr_at(p, step)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
-                loss = compute_loss(learner, batch, p, device, step, amp)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"pretrain: loss is {loss.item()} at step {step}")
+                if ddp is None:
+                    loss = compute_loss(learner, batch, p, device, step, amp)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"pretrain: loss is {loss.item()} at step {step}")
+                    value = loss.item()
+                else:  # this rank's slice; DDP averages the gradients in backward
+                    loss = ddp(batch, step)
+                    value = _mean_over_ranks(loss, dd)
+                    if not math.isfinite(value):
+                        raise FloatingPointError(f"pretrain: mean loss over the ranks is {value} at step {step}")
                 loss.backward()
                 if clip > 0:
                     torch.nn.utils.clip_grad_norm_(learner.parameters(), clip)
                 opt.step()
-                row = {"step": step, "loss": f"{loss.item():.6f}", "lr": f"{lr:.6g}",
+                row = {"step": step, "loss": f"{value:.6f}", "lr": f"{lr:.6g}",
                        "time": f"{time.perf_counter() - t0:.3f}"}
-                writer.writerow(row)
                 rows.append(row)
+                if dd.main:
+                    writer.writerow(row)
+                    tb.add(row)
                 bar.set_postfix(loss=row["loss"], lr=row["lr"], refresh=False)
                 bar.update(1)
                 step += 1
-                if step % every == 0 or step == end:
+                if dd.main and (step % every == 0 or step == end):
                     with writing(d / "metrics.csv", "write", RESUME):
                         fh.flush()
-                    save_checkpoint(d / "checkpoint.pt", learner, opt, step, upstream, ident)
-                    _save_json(d / "run.json", {"config": cfg, "identity_sha256": ident, "upstream": upstream,
-                                                "complete": False, "step": step, "steps": total})
+                    save_checkpoint(d / "checkpoint.pt", learner, opt, step, upstream, ident, dd.world)
+                    _save_json(d / "run.json", run_info(False, step))
+                    tb.flush()
     finally:
         bar.close()
+        tb.close()
         try:
-            fh.close()
+            if fh is not None:
+                fh.close()
         except OSError:  # a failed write is being reported already; the checkpoint holds the rows
             pass
     seconds = time.perf_counter() - t0
     if step < total:
+        _barrier(dd)  # the checkpoint is on disk before any rank returns
         return _summary(p, rows, d, seconds, step - start, "stopped")
-    _write_atomic(d / "model.pt", lambda t: _torch_save(
-        {"model": learner.net.state_dict(), "model_name": p["model"], "in_channels": 3,
-         "out_channels": int(p["feature_dim"]), "method": p["method"], "steps": total}, t))
-    if rows:
-        plot_loss(rows, d / "loss.png", f"pretrain {p['method']} ({p['model']})")
-    _save_json(d / "run.json", {"config": cfg, "identity_sha256": ident, "upstream": upstream,
-                                "complete": True, "step": total, "steps": total})
+    if dd.main:
+        _write_atomic(d / "model.pt", lambda t: _torch_save(
+            {"model": learner.net.state_dict(), "model_name": p["model"], "in_channels": 3,
+             "out_channels": int(p["feature_dim"]), "method": p["method"], "steps": total}, t))
+        if rows:
+            plot_loss(rows, d / "loss.png", f"pretrain {p['method']} ({p['model']})")
+        _save_json(d / "run.json", run_info(True, total))
+    _barrier(dd)
     return _summary(p, rows, d, seconds, step - start, "trained")
 
 
@@ -415,10 +624,21 @@ def _summary(p: dict, rows: list[dict], d: Path, seconds: float, steps_now: int,
 
 def run(cfg: dict) -> list[dict]:
     """Run the pretrain stage; one summary row. One process per run folder: a second one on the
-    same run is refused with a message (two would write the same checkpoint and metrics)."""
-    with stage_lock(get_workdir(cfg), f"pretrain-{run_dir(cfg).name}"):
-        return [train(cfg)]
+    same run is refused with a message (two would write the same checkpoint and metrics).
+    Under torchrun (WORLD_SIZE > 1) every process joins the data-parallel group first; rank 0
+    takes the lock and its verdict (or its refusal) reaches every rank."""
+    import torch.distributed as tdist
+
+    created = init_distributed(cfg)
+    try:
+        with ExitStack() as stack:
+            _rank0_decides(dist_info(), lambda: stack.enter_context(
+                stage_lock(get_workdir(cfg), f"pretrain-{run_dir(cfg).name}")) and None)
+            return [train(cfg)]
+    finally:
+        if created:
+            tdist.destroy_process_group()
 
 
 __all__ = ["run", "status", "train", "run_dir", "identity", "compute_loss", "Learner", "build",
-           "lr_at", "upstream_lineages"]
+           "lr_at", "upstream_lineages", "init_distributed", "dist_info", "wrap_ddp", "LossModule"]
