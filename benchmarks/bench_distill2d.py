@@ -6,7 +6,7 @@
 Both networks are the ones ``lift3d run distill2d`` trains (train.distill2d_net.Seg2D on the embedded
 EfficientNet-Lite0, output stride 16, pyramid pooling): the baseline, and the distilled network
 with the simulated-3D branch (DN1 to C3D channels, DN2, the wider classifier). C3D is the frozen 3D
-network's decoder width: 96 for Res16UNet34C (the paper preset), 256 for Res16UNet14 (the demo).
+network's decoder width: 96 for Res16UNet34C (the paper preset) and Res16UNet14A (the demo), 256 for Res16UNet14.
 Timed: one frame at a time (batch 1), eval mode, no gradients, the logits upsampled to the frame
 and arg-maxed, as the stage's evaluation runs; median of ``--frames`` calls after 3 warm-up calls.
 The weights are the ImageNet backbone plus freshly initialised heads: the cost does not depend on
