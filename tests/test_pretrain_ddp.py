@@ -22,27 +22,19 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lift3d import config as C
 from lift3d import stages as S
 from train import data as D
 from train import pretrain as P
+from test_pretrain import make_cfg as base_cfg
 
 NOAUG = {"rotate_up": False, "scale": False, "elastic": False, "color_methods": [], "flip_2d": False}
 WORLD = 2
 
 
 def make_cfg(wd, **pretrain) -> dict:
-    cfg = C.defaults()
-    cfg["workdir"] = str(wd)
-    cfg["datasets"] = [{"name": "tiny", "kind": "synthetic", "root": None, "frame_skip": 1, "split": "all",
-                        "scenes": 1, "seed": 0, "frames_per_scene": 10, "depth_size": [48, 64]}]
-    cfg["cluster"]["n_workers"] = 0
-    cfg["teacher"].update({"device": "cpu", "batch_size": 5, "input_size": [96, 128]})
-    cfg["pretrain"].update({"model": "Res16UNet14", "feature_dim": 16, "proj_dim": 16, "voxel_size": 0.2,
-                            "batch_size": 4, "n_sub": 64, "iterations": 4, "device": "cpu", "method": "ppnce",
-                            "checkpoint_every": 50, "optimizer": "sgd", "lr": 0.05})
-    cfg["pretrain"].update(pretrain)
-    return cfg
+    """test_pretrain's tiny config with 4-frame global batches (2 per rank)."""
+    return base_cfg(wd, **{"batch_size": 4, "n_sub": 64, "iterations": 4, "method": "ppnce", "optimizer": "sgd",
+                           "lr": 0.05, **pretrain})
 
 
 @pytest.fixture(scope="module")

@@ -10,30 +10,22 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import zarr
 
-from lift3d import config as C
 from lift3d import stages as S
 from train import augment as A
 from train import data as D
 from train import pretrain as P
+from test_pretrain import make_cfg as base_cfg
+from test_pretrain import stores
 
 FLIP_ONLY = {"rotate_up": False, "scale": False, "elastic": False, "color_methods": [], "flip_2d": True}
 M = np.diag([-1.0, 1.0, 1.0])
 
 
 def make_cfg(wd, flip_pass=True, **pretrain) -> dict:
-    cfg = C.defaults()
-    cfg["workdir"] = str(wd)
-    cfg["datasets"] = [{"name": "tiny", "kind": "synthetic", "root": None, "frame_skip": 1, "split": "all",
-                        "scenes": 1, "seed": 0, "frames_per_scene": 10, "depth_size": [48, 64]}]
-    cfg["cluster"]["n_workers"] = 0
-    cfg["teacher"].update({"device": "cpu", "batch_size": 5, "input_size": [96, 128], "flip_pass": flip_pass})
-    cfg["pretrain"].update({"model": "Res16UNet14", "feature_dim": 16, "proj_dim": 16, "voxel_size": 0.2,
-                            "batch_size": 2, "n_sub": 128, "iterations": 3, "device": "cpu",
-                            "checkpoint_every": 50, "augment": dict(FLIP_ONLY)})
-    cfg["pretrain"].update(pretrain)
+    """test_pretrain's tiny config, 3 steps, only the 2D flip switched on, the flip pass as asked."""
+    cfg = base_cfg(wd, **{"iterations": 3, "augment": dict(FLIP_ONLY), **pretrain})
+    cfg["teacher"]["flip_pass"] = flip_pass
     return cfg
 
 
@@ -44,12 +36,6 @@ def wd(tmp_path_factory):
     for stage in ("frames", "teacher", "points"):
         S.run_stage(cfg, stage)
     return root
-
-
-def stores(wd):
-    return (zarr.open_group(str(wd / "frames.zarr/tiny"), mode="r"),
-            zarr.open_group(str(wd / "teacher.zarr/efficientnet_lite0/tiny"), mode="r"),
-            zarr.open_group(str(wd / "points.zarr/tiny"), mode="r"))
 
 
 # -- geometry without a store -----------------------------------------------------------------

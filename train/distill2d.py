@@ -34,9 +34,7 @@ network), ``eval.json``.
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -56,6 +54,8 @@ from pipeline.eval_teacher import confusion, default_labels, scores, to_grid
 from pipeline.reader_common import read_split
 from pipeline.readers import Frame, make_reader
 from pipeline.scannet_labels import IGNORE_INDEX, nyu40_to_scannet20, read_labelled_mesh
+from train.pretrain import _read_json, _save_json, _torch_save, _write_atomic
+from train.pretrain import _write_metrics as _write_csv
 from train.distill2d_net import Discriminators, Seg2D, gan_losses, masked_l2, sample_pixels, set_requires_grad
 
 log = logging.getLogger("lift3d")
@@ -638,23 +638,6 @@ def summary(cfg: dict) -> dict | None:
             "extra_inference_ms_per_frame": ev.get("extra_inference_ms_per_frame"), "run_dir": str(run_dir(cfg))}
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _save_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda t: t.write_text(json.dumps(obj, indent=1, sort_keys=True)))
-
-
 # ----------------------------------------------------------------------------- training
 
 FIELDS = ["phase", "step", "loss", "seg", "l2", "adv", "disc", "lr", "time"]
@@ -728,7 +711,7 @@ def train_phase(cfg: dict, phase: str, data: TrainData, run: Path, ident: str, u
                      "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
             if disc is not None:
                 state.update(disc=disc.state_dict(), optimizer_d=opt_d.state_dict())
-            _write_atomic(ck, lambda t: torch.save(state, t))
+            _write_atomic(ck, lambda t: _torch_save(state, t))
             _write_metrics(run, phase, rows)
             _save_json(run / "run.json", _run_info(cfg, ident, up, phase, done, False))
         if step % 20 == 0:
@@ -742,13 +725,7 @@ def train_phase(cfg: dict, phase: str, data: TrainData, run: Path, ident: str, u
 def _write_metrics(run: Path, phase: str, rows: list[dict]) -> None:
     keep = [r for r in _rows(run / "metrics.csv") if r["phase"] != phase]
 
-    def write(t):
-        with open(t, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(keep + rows)
-
-    _write_atomic(run / "metrics.csv", write)
+    _write_atomic(run / "metrics.csv", lambda t: _write_csv(t, keep + rows, FIELDS))
 
 
 def _run_info(cfg, ident, up, phase, step, complete) -> dict:
@@ -760,7 +737,7 @@ def save_net(path: Path, net: Seg2D, d: dict, extra: dict) -> None:
     obj = {"model": net.state_dict(), "backbone": d["backbone"], "num_classes": NUM_CLASSES,
            "head_dim": int(d["head_dim"]), "distilled": net.distilled,
            "channels_3d": getattr(net, "channels_3d", None), "classes": scannet20_names(), **extra}
-    _write_atomic(path, lambda t: torch.save(obj, t))
+    _write_atomic(path, lambda t: _torch_save(obj, t))
 
 
 def load_net(path: Path, d: dict) -> Seg2D:
@@ -841,7 +818,6 @@ def train(cfg: dict, stop_at: int | None = None) -> list[dict]:
         raise DistillError("distill2d.batch_size must be >= 2 (batch statistics in the pyramid pooling and DN)")
     if not 0.0 <= float(d["unpaired_fraction"]) < 1.0:
         raise DistillError(f"distill2d.unpaired_fraction must be in [0, 1), got {d['unpaired_fraction']}")
-    wd = get_workdir(cfg)
     sources = open_sources(cfg)
     ck_path = resolve_checkpoint(cfg)
     up = upstream(cfg, ck_path)

@@ -31,9 +31,7 @@ Runs go to ``<workdir>/runs/finetune/<name>/``: ``checkpoint.pt`` (resumable), `
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
