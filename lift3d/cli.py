@@ -58,8 +58,15 @@ def main(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if not verbose:  # dask's own chatter (its loggers set their own levels): warnings and up only
         quiet = ("distributed", "tornado", "asyncio")
+        # When a write fails inside zarr's event loop (disk full), its sibling writes are abandoned and
+        # asyncio reports them, with tracebacks, when they are garbage-collected: echoes of the error the
+        # stage already reported in one line. Shown with -v.
+        abandoned = ("Future exception was never retrieved", "Task was destroyed but it is pending",
+                     "Task exception was never retrieved")
 
         def keep(record: logging.LogRecord) -> bool:
+            if record.name == "asyncio" and str(record.msg).startswith(abandoned):
+                return False
             return record.levelno >= logging.WARNING or not record.name.startswith(quiet)
 
         for handler in logging.getLogger().handlers:
