@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 
 import click
@@ -303,4 +302,6 @@ def limited(dataset, points, percent, seed, out, config_path, overrides):
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    from lift3d.launch import entry
+
+    entry()

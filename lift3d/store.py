@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 from collections import Counter
@@ -31,6 +32,7 @@ from lift3d.config import sha256_json
 
 SCHEMA_VERSION = 1
 COPY_BYTES = 64 << 20  # bytes per block when the committer copies a part
+GATHER_BYTES = 256 << 20  # arrays up to this size are gathered from all parts and written once
 # which stage makes each store, for "missing input" messages
 MAKER = {"frames": "frames", "teacher": "teacher", "points": "points"}
 
@@ -182,21 +184,23 @@ class GroupWriter:
 
     # -- commit -------------------------------------------------------------------------
     def commit(self, scenes: list[str], attrs: dict, ragged: tuple[str, ...] = (),
-               chunks: dict[str, tuple] | None = None) -> dict:
+               chunks: dict[str, tuple] | None = None, extra: dict[str, np.ndarray] | None = None) -> dict:
         """Assemble the done parts of ``scenes`` (sorted) into the final group.
 
         Per-frame arrays are concatenated along axis 0; a part's ``scene_index`` is rewritten to
         the scene's position in the sorted list. Arrays named in ``ragged`` are concatenated too,
-        and ``offsets`` (N + 1) is rebuilt from each part's ``counts``. Returns the summed skips.
+        and ``offsets`` (N + 1) is rebuilt from each part's ``counts``. ``extra`` arrays (not per
+        frame, e.g. a fitted projection) are written as they are. Returns the summed skips.
         """
         scenes = sorted(scenes)
         missing = [s for s in scenes if not self.part_done(s)]
         if missing:
             raise StoreError(f"cannot commit {self.path}: parts not done for scenes {missing[:5]}")
         with writing(self.path, "write the final group"):
-            return self._commit(scenes, attrs, ragged, chunks or {})
+            return self._commit(scenes, attrs, ragged, chunks or {}, extra or {})
 
-    def _commit(self, scenes: list[str], attrs: dict, ragged: tuple[str, ...], chunks: dict) -> dict:
+    def _commit(self, scenes: list[str], attrs: dict, ragged: tuple[str, ...], chunks: dict,
+                extra: dict[str, np.ndarray]) -> dict:
         parts = [zarr.open_group(str(self.part_path(s)), mode="r") for s in scenes]
         skipped: Counter = Counter()
         for p in parts:
@@ -217,16 +221,27 @@ class GroupWriter:
             shape = (totals[n],) + tuple(ref.shape[1:])
             ch = chunks.get(n) or (max(1, ref.chunks[0]),) + tuple(ref.shape[1:])
             arr = group.create_array(n, shape=shape, chunks=ch, dtype=ref.dtype, fill_value=ref.fill_value,
-                                     compressors=ref.compressors, filters=ref.filters, serializer=ref.serializer)
+                                     compressors=ref.compressors, filters=ref.filters, serializer=ref.serializer,
+                                     chunk_key_encoding=ref.metadata.chunk_key_encoding)
             linkable = n != "scene_index" and all(_same_layout(p[n], arr) for p in parts)
+            row_bytes = ref.dtype.itemsize * int(np.prod(ref.shape[1:]))
+            if not linkable and totals[n] * row_bytes <= GATHER_BYTES:
+                # small per-frame arrays (poses, indices): gathered in memory, written once, so
+                # the committer never rewrites a chunk once per part
+                blocks = [np.full(p[n].shape[0], i, dtype=np.int32) if n == "scene_index" else p[n][...]
+                          for i, p in enumerate(parts)]
+                if totals[n]:
+                    arr[...] = np.concatenate(blocks, axis=0)
+                continue
             pos = 0
             for scene_i, p in enumerate(parts):
                 m = p[n].shape[0]
                 if linkable:  # encoded chunks carry over as they are: hard-link them, no re-encoding
-                    _link_chunks(Path(p.store.root) / p.path / n, self.path / n, pos, m, len(shape))
+                    _link_chunks(Path(p.store.root) / p.path / n, self.path / n, pos, m, len(shape),
+                                 ref.metadata.chunk_key_encoding.separator)
                     pos += m
                     continue
-                step = max(1, COPY_BYTES // max(1, ref.dtype.itemsize * int(np.prod(ref.shape[1:]))))
+                step = max(1, COPY_BYTES // max(1, row_bytes))
                 for start in range(0, m, step):  # bounded memory per copy, few partial-chunk writes
                     stop = min(m, start + step)
                     if n == "scene_index":
@@ -240,6 +255,8 @@ class GroupWriter:
             offsets = np.zeros(len(counts) + 1, dtype=np.int64)
             np.cumsum(counts, out=offsets[1:])
             group.create_array("offsets", data=offsets, chunks=(max(1, len(offsets)),))
+        for n, data in extra.items():
+            group.create_array(n, data=np.asarray(data), chunks=np.asarray(data).shape or None)
         group.attrs.update({
             **attrs,
             "schema_version": SCHEMA_VERSION,
@@ -257,8 +274,6 @@ class GroupWriter:
 
 def _same_layout(src: zarr.Array, dst: zarr.Array) -> bool:
     """True when src's encoded chunks are valid chunks of dst: one row per chunk, same codecs."""
-    import json
-
     if src.chunks[0] != 1 or tuple(src.chunks) != tuple(dst.chunks):
         return False
     meta_s = json.loads((Path(src.store.root) / src.path / "zarr.json").read_text())
@@ -267,29 +282,90 @@ def _same_layout(src: zarr.Array, dst: zarr.Array) -> bool:
     return all(meta_s.get(k) == meta_d.get(k) for k in keys)
 
 
-def _link_chunks(src: Path, dst: Path, offset: int, rows: int, ndim: int) -> None:
+def _link_chunks(src: Path, dst: Path, offset: int, rows: int, ndim: int, sep: str = "/") -> None:
     """Place chunk j of ``src`` as chunk offset + j of ``dst`` (hard link; copy across devices).
 
+    Both use zarr v3's default chunk keys with separator ``sep`` (``c/j/0/0`` or ``c.j.0.0``).
     Links leave the part intact, so a committer killed half-way can start again from the parts.
     Chunks that were never written (all fill value) are absent in both.
     """
     tail = ["0"] * (ndim - 1)
     for j in range(rows):
-        s = src.joinpath("c", str(j), *tail)
+        s = src / sep.join(["c", str(j), *tail])
         if not s.exists():
             continue
-        d = dst.joinpath("c", str(offset + j), *tail)
-        d.parent.mkdir(parents=True, exist_ok=True)
+        d = dst / sep.join(["c", str(offset + j), *tail])
+        if sep == "/":
+            d.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(s, d)
         except OSError:
             shutil.copyfile(s, d)
 
 
-class PartWriter:
-    """Append-only writer for one scene's part; ``finish`` marks it done (last)."""
+class RowChunks:
+    """One array of a part written one row per chunk, each chunk encoded and written here.
 
-    def __init__(self, path: Path, chunk_rows: dict[str, int] | None = None, compressors: dict | None = None):
+    Zarr's own write path costs about as much per chunk as encoding a 640x480 frame (its
+    asynchronous machinery, in Python, holding the GIL). This encodes a row exactly as the
+    array's codecs say (``bytes`` little-endian, then ``zstd``; numcodecs releases the GIL) and
+    writes it at the array's chunk key ``c.<row>.0...``: zarr v3's default key encoding with
+    the "." separator, every chunk file in the array's folder, no folder per chunk. ``close``
+    writes the array's metadata with the final row count and checks that it names the codecs
+    used. Plain zarr reads the result, and the committer hard-links the chunks.
+    """
+
+    def __init__(self, group: zarr.Group, name: str, tail: tuple, dtype, compressor=None):
+        from numcodecs import Zstd
+
+        self.group, self.name = group, name
+        self.tail, self.dtype = tuple(int(t) for t in tail), np.dtype(dtype)
+        self.level = 0 if compressor is None else int(compressor.level)
+        self.checksum = False if compressor is None else bool(compressor.checksum)
+        self.codec = Zstd(level=self.level, checksum=self.checksum)
+        self.dir = Path(group.store.root) / group.path / name
+        self.rows = 0
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.asarray(block)
+        if block.shape[1:] != self.tail or block.dtype != self.dtype:
+            raise ValueError(f"{self.dir}: rows of {block.dtype} {block.shape[1:]}, expected "
+                             f"{self.dtype} {self.tail}")
+        block = np.ascontiguousarray(block, dtype=self.dtype.newbyteorder("<"))
+        zeros = ["0"] * len(self.tail)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for row in block:
+            with open(self.dir / ".".join(["c", str(self.rows), *zeros]), "wb") as fh:
+                fh.write(self.codec.encode(np.ascontiguousarray(row)))
+            self.rows += 1
+
+    def close(self) -> None:
+        from zarr.codecs import ZstdCodec
+
+        self.group.create_array(self.name, shape=(self.rows,) + self.tail, chunks=(1,) + self.tail,
+                                dtype=self.dtype, fill_value=0,
+                                compressors=ZstdCodec(level=self.level, checksum=self.checksum),
+                                chunk_key_encoding={"name": "default", "separator": "."})
+        codecs = json.loads((self.dir / "zarr.json").read_text())["codecs"]
+        names = [c["name"] for c in codecs]
+        endian = codecs[0].get("configuration", {}).get("endian", "little") if codecs else None
+        zconf = codecs[-1].get("configuration", {}) if codecs else {}
+        if (names != ["bytes", "zstd"] or endian != "little" or zconf.get("level") != self.level
+                or bool(zconf.get("checksum")) != self.checksum):
+            raise StoreError(f"{self.dir}: zarr wrote codecs {codecs}, but the chunks were encoded as "
+                             f"bytes(little) + zstd(level={self.level}, checksum={self.checksum})")
+
+
+class PartWriter:
+    """Append-only writer for one scene's part; ``finish`` marks it done (last).
+
+    Arrays named in ``direct`` are written one row per chunk as they are appended
+    (:class:`RowChunks`: no buffering, no zarr overhead per chunk, hard-linked by the
+    committer); the others are buffered and written through zarr on ``flush``.
+    """
+
+    def __init__(self, path: Path, chunk_rows: dict[str, int] | None = None, compressors: dict | None = None,
+                 direct: tuple[str, ...] = ()):
         """``compressors``: per array name, a zarr compressor (e.g. ZstdCodec(level=1)); the final
         group keeps each part's codecs, so its chunks are hard-linked, never re-encoded."""
         self.path = Path(path)
@@ -299,12 +375,22 @@ class PartWriter:
                 shutil.rmtree(self.path)  # a part that was not done is redone from scratch
             self.group = zarr.open_group(str(self.path), mode="w")
         self.chunk_rows = chunk_rows or {}
+        self.direct = set(direct)
+        self.rows_direct: dict[str, RowChunks] = {}
         self.buffers: dict[str, list[np.ndarray]] = {}
         self.skipped: Counter = Counter()
         self.rows = 0
 
     def append(self, **arrays: np.ndarray) -> None:
         for name, a in arrays.items():
+            if name in self.direct:
+                a = np.asarray(a)
+                if name not in self.rows_direct:
+                    self.rows_direct[name] = RowChunks(self.group, name, a.shape[1:], a.dtype,
+                                                       self.compressors.get(name))
+                with writing(self.path, "write the part"):
+                    self.rows_direct[name].write(a)
+                continue
             self.buffers.setdefault(name, []).append(np.asarray(a))
 
     def flush(self) -> None:
@@ -328,10 +414,16 @@ class PartWriter:
         """Flush; create empty arrays (0 rows) from ``templates`` for anything never appended."""
         self.flush()
         with writing(self.path, "write the part"):
+            for rc in self.rows_direct.values():
+                rc.close()
             for name, (tail, dtype) in templates.items():
-                if name not in self.group:
-                    rows = self.chunk_rows.get(name, 1)
-                    self.group.create_array(name, shape=(0,) + tuple(tail), chunks=(rows,) + tuple(tail),
-                                            dtype=dtype)
+                if name in self.group or name in self.rows_direct:
+                    continue
+                if name in self.direct:
+                    RowChunks(self.group, name, tail, dtype, self.compressors.get(name)).close()
+                    continue
+                rows = self.chunk_rows.get(name, 1)
+                self.group.create_array(name, shape=(0,) + tuple(tail), chunks=(rows,) + tuple(tail),
+                                        dtype=dtype)
             self.group.attrs.update({**attrs, "skipped": dict(self.skipped)})
             self.group.attrs.update({"done": True})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,9 @@ from lift3d.store import GroupWriter, PartWriter, stage_lock
 from pipeline.readers import Frame, make_reader
 
 log = logging.getLogger("lift3d")
-FLUSH_EVERY = 16  # frames buffered in memory before a part write
+FLUSH_EVERY = 16  # frames buffered in memory before a part write (chunk_frames > 1)
+IMAGES = ("rgb", "depth")
+SMALL_ROWS = 4096  # rows per chunk of the small per-frame arrays (pose, intrinsics, indices)
 
 
 def frames_config(cfg: dict, entry: dict) -> dict:
@@ -53,8 +54,12 @@ def scene_task(entry: dict, workdir: str, scene: str, part: str, stage_cfg: dict
     reader = make_reader(entry, Path(workdir))
     h, w = reader.stored_size()
     level = int(stage_cfg["zstd_level"])
-    pw = PartWriter(Path(part), chunk_rows={k: int(stage_cfg["chunk_frames"]) for k in templates(h, w)},
-                    compressors={"rgb": ZstdCodec(level=level), "depth": ZstdCodec(level=level)})
+    chunk = int(stage_cfg["chunk_frames"])
+    # rgb / depth: one chunk per frame, encoded and written as each frame is read (chunk_frames 1);
+    # the small per-frame arrays stay in memory and are written once per part
+    rows = {k: chunk if k in IMAGES else SMALL_ROWS for k in templates(h, w)}
+    pw = PartWriter(Path(part), chunk_rows=rows, compressors={k: ZstdCodec(level=level) for k in IMAGES},
+                    direct=IMAGES if chunk == 1 else ())
     kept = 0
     for item in reader.frames(scene, entry["frame_skip"]):
         if not isinstance(item, Frame):
@@ -72,7 +77,7 @@ def scene_task(entry: dict, workdir: str, scene: str, part: str, stage_cfg: dict
                   projection=np.array([item.projection], np.uint8), scene_index=np.zeros(1, np.int32),
                   source_index=np.array([item.source_index], np.int32))
         kept += 1
-        if kept % FLUSH_EVERY == 0:
+        if chunk > 1 and kept % FLUSH_EVERY == 0:
             pw.flush()
     pw.finish(templates(h, w), scene=scene)
     return {"kept": kept, "skipped": dict(pw.skipped), "seconds": time.perf_counter() - t0}
@@ -95,7 +100,8 @@ def run_dataset(cfg: dict, entry: dict, wd: Path) -> dict:
         attrs = writer_attrs(writer)
         log.info("frames/%s: up to date (%d frames), nothing to do", entry["name"], attrs["n_frames"])
         return {"dataset": entry["name"], "status": "up to date", "frames": attrs["n_frames"],
-                "skipped": attrs.get("skipped", {}), "seconds": 0.0, "task_seconds": 0.0, "commit_seconds": 0.0}
+                "skipped": attrs.get("skipped", {}), "seconds": 0.0, "task_seconds": 0.0,
+                "tasks_wall_seconds": 0.0, "cluster_seconds": 0.0, "commit_seconds": 0.0}
     t0 = time.perf_counter()
     reader = make_reader(entry, wd)
     reader.prepare()
@@ -110,8 +116,10 @@ def run_dataset(cfg: dict, entry: dict, wd: Path) -> dict:
              entry["name"], len(scenes), len(scenes) - len(todo), h, w, entry["frame_skip"])
     chunk = int(cfg["frames"]["chunk_frames"])
     tasks = [(s, (entry, str(wd), s, str(writer.part_path(s)), cfg["frames"])) for s in todo]
+    timings: dict = {}
+    t_cluster = time.perf_counter()
     with dask_client(cfg["cluster"]) as client:
-        results = run_tasks(client, scene_task, tasks, desc=f"frames/{entry['name']}")
+        results = run_tasks(client, scene_task, tasks, desc=f"frames/{entry['name']}", timings=timings)
     t_commit = time.perf_counter()
     skipped = writer.commit(scenes, attrs={"stored_size": [h, w], "kind": entry["kind"]},
                             chunks={"rgb": (chunk, h, w, 3), "depth": (chunk, h, w)})
@@ -119,6 +127,8 @@ def run_dataset(cfg: dict, entry: dict, wd: Path) -> dict:
     done = time.perf_counter()
     return {"dataset": entry["name"], "status": "written", "frames": n, "skipped": skipped,
             "seconds": done - t0, "task_seconds": sum(r["seconds"] for r in results.values()),
+            "tasks_wall_seconds": timings.get("tasks", 0.0),
+            "cluster_seconds": t_commit - t_cluster - timings.get("tasks", 0.0),
             "commit_seconds": done - t_commit}
 
 

@@ -1,5 +1,6 @@
 """The frames stage end to end on the synthetic dataset (ScanNet's raw format)."""
 
+import os
 import struct
 
 import numpy as np
@@ -124,3 +125,21 @@ def test_changed_config_rebuilds_and_drops_stale_parts(clean_run, tmp_path):
     assert all(s % 3 == 0 for s in got["source_index"])
     assert attrs["config"]["dataset"]["frame_skip"] == 3
     assert not stale.exists()
+
+
+def test_local_cluster_workers_get_heap_malloc_and_one_opencv_thread():
+    """The nanny's MALLOC_TRIM_THRESHOLD_ alone would freeze glibc's mmap threshold at 128 KiB
+    (every frame buffer mmap'ed); lift3d's LocalCluster sets both thresholds, and the workers
+    pin OpenCV to their own thread count before any task."""
+    from lift3d.cluster import dask_client, init_worker
+    from lift3d.launch import MALLOC_ENV
+
+    def probe():
+        import cv2
+
+        return {k: os.environ.get(k) for k in MALLOC_ENV} | {"cv2": cv2.getNumThreads()}
+
+    with dask_client({"n_workers": 1, "threads_per_worker": 1, "memory_limit": "1GiB"}) as client:
+        client.run(init_worker, "pipeline.frames")
+        (got,) = client.run(probe).values()
+    assert got == {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "cv2": 1}
