@@ -59,12 +59,11 @@ import zarr
 from lift3d.cluster import dask_client, run_tasks
 from lift3d.config import workdir as get_workdir
 from lift3d.stages import Group, diff_keys, groups
-from lift3d.store import GroupWriter, PartWriter, StoreError, group_state, open_group, stage_lock
+from lift3d.store import GroupWriter, PartWriter, StoreError, group_state, open_group, stage_lock, writing
 
 log = logging.getLogger("lift3d")
 
 SHARD_FRAMES = 64           # default of teacher.shard_frames (frames per part)
-FLUSH_BYTES = 256 << 20     # a part's rows are buffered in memory up to this, then written
 QUEUE_DEPTH = 2             # batches in flight between the reader / model / writer threads
 SHARD_PREFIX = "shard-"
 FLIP_CONVENTION = ("*_flip arrays: the teacher's output on the horizontally flipped frame "
@@ -161,19 +160,49 @@ def _get(q: queue.Queue, stop: threading.Event):
             continue
 
 
+def _postprocess(feats: torch.Tensor, probs: torch.Tensor, k: int, flip: bool, m: int,
+                 pca: tuple | None = None) -> dict:
+    """The model's outputs for a batch (m frames, then their m flipped copies when ``flip``) ->
+    the stored arrays: float16 features (projected when ``pca`` = (mean, components) is given,
+    with ``_pca`` = the sums of :func:`pipeline.feature_pca.project`), top-k probabilities
+    (float16) and indices, the flip pass split off, and ``_leftover`` = (sum, max, count) of the
+    mass outside the top-k."""
+    out = {}
+    if pca is not None:
+        from pipeline.feature_pca import project
+
+        feats, out["_pca"] = project(feats, *pca)
+    v, i = torch.topk(probs, k, dim=1, largest=True, sorted=True)
+    left = (1.0 - v.sum(1)).clamp_min_(0.0)
+    out |= {"features": feats.to(torch.float16), "soft_labels/prob": v.to(torch.float16),
+            "soft_labels/index": i.to(torch.int32),
+            "_leftover": torch.stack([left.sum(dtype=torch.float64), left.max().to(torch.float64),
+                                      torch.tensor(float(left.numel()), dtype=torch.float64, device=left.device)])}
+    if flip:
+        for name, fname in zip(ARRAYS, FLIP_ARRAYS):
+            out[fname], out[name] = out[name][m:], out[name][:m]
+    return {name: t.contiguous() for name, t in out.items()}
+
+
 def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_size: int, k: int,
-                   flip: bool, part_attrs: dict, progress=None) -> dict:
+                   flip: bool, part_attrs: dict, progress=None, pca: dict | None = None) -> dict:
     """Run ``teacher`` over the frames of ``shards`` (name, start, stop, part path) of the uint8
     (N, H, W, 3) array ``rgb`` and write one done part per shard.
 
-    Three stages overlap: reader thread (Zarr -> host, pinned on the GPU) -> this thread (the
-    model, top-k, asynchronous copy back) -> writer thread (parts). Returns
-    {"frames": n, "seconds": wall time}.
+    Three stages overlap: reader thread (Zarr -> host, pinned on the GPU; on the CPU also the
+    preprocessing) -> this thread (the model; on the GPU also top-k and the asynchronous copy
+    back) -> writer thread (on the CPU also top-k; the parts). Torch ops release the GIL, so on
+    the CPU the threads' work runs beside the model's. Returns {"frames": n, "seconds": wall time}.
     """
     device = teacher.device
     cuda = device.type == "cuda"
     feat_shape, label_shape = teacher.output_shapes()
     k = min(int(k), label_shape[0])
+    proj = None
+    if pca is not None:  # (mean, components) on the device that projects: the model's on the GPU
+        where = device if cuda else torch.device("cpu")
+        proj = (torch.as_tensor(pca["mean"], device=where), torch.as_tensor(pca["components"], device=where))
+        feat_shape = (int(pca["components"].shape[0]),) + tuple(feat_shape[1:])
     tmpl = templates(feat_shape, label_shape, k, flip)
     batches = []  # (shard position, start, stop, last batch of the shard)
     for si, (_, a, b, _) in enumerate(shards):
@@ -193,6 +222,8 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
                                      f"{x.dtype} {tuple(x.shape)}")
                 if cuda:
                     x = x.pin_memory()
+                else:  # CPU: preprocessing here overlaps the model running in the main thread
+                    x = teacher.preprocess(torch.cat([x, x.flip(2)]) if flip else x)
                 _put(q_in, (si, a, b, last, x), stop)
             _put(q_in, None, stop)
         except _Stop:
@@ -202,7 +233,7 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
             stop.set()
 
     def writer():
-        pw, stats, pending = None, None, 0
+        pw, stats = None, None
         try:
             while True:
                 item = _get(q_out, stop)
@@ -211,6 +242,9 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
                 si, a, b, last, host, event = item
                 if event is not None:
                     event.synchronize()  # the device -> pinned host copies have landed
+                if "_raw" in host:  # CPU: top-k and float16 here, beside the model's next batch
+                    with torch.inference_mode():
+                        host = _postprocess(*host["_raw"], k, flip, b - a, proj)
                 arrays = {name: t.numpy() for name, t in host.items() if not name.startswith("_")}
                 for name in list(arrays):
                     if name.startswith("soft_labels/index"):
@@ -218,18 +252,19 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
                 lo = host["_leftover"].numpy()
                 name, s0, s1, path = shards[si]
                 if pw is None:  # the first batch of a shard: a fresh part (a not-done one is redone)
-                    # one chunk per array per part: few large writes, so the writer thread holds
-                    # the GIL little beside the model (measured: 76-79 vs 44-46 frames/s with
-                    # per-frame part chunks that the committer could hard-link); the committer
-                    # re-chunks per frame
-                    pw = PartWriter(Path(path), chunk_rows={n: max(1, s1 - s0) for n in tmpl})
-                    pending = 0
+                    # one chunk per frame, encoded and written here as each batch arrives (zstd
+                    # releases the GIL; zarr's per-chunk machinery is bypassed), so the writer
+                    # holds the GIL little beside the model and the committer hard-links the chunks
+                    pw = PartWriter(Path(path), direct=tuple(tmpl))
                     stats = {"leftover_sum": 0.0, "leftover_max": 0.0, "leftover_cells": 0}
+                    if proj is not None:
+                        stats.update({"pca_f2": 0.0, "pca_centred2": 0.0, "pca_z2": 0.0})
                 pw.append(**arrays)
-                pending += sum(v.nbytes for v in arrays.values())
-                if pending >= FLUSH_BYTES and not last:  # else the whole shard goes in one write
-                    pw.flush()
-                    pending = 0
+                if "_pca" in host:
+                    f2, c2, z2 = (float(v) for v in host["_pca"].numpy())
+                    stats["pca_f2"] += f2
+                    stats["pca_centred2"] += c2
+                    stats["pca_z2"] += z2
                 stats["leftover_sum"] += float(lo[0])
                 stats["leftover_max"] = max(stats["leftover_max"], float(lo[1]))
                 stats["leftover_cells"] += int(lo[2])
@@ -247,9 +282,10 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
     # empty shards (an empty dataset) have no batches: write their parts here
     for name, a, b, path in shards:
         if a == b:
-            PartWriter(Path(path), chunk_rows={n: 1 for n in tmpl}).finish(
+            PartWriter(Path(path), direct=tuple(tmpl)).finish(
                 tmpl, **part_attrs, shard=name, start=a, stop=b,
-                leftover_sum=0.0, leftover_max=0.0, leftover_cells=0)
+                leftover_sum=0.0, leftover_max=0.0, leftover_cells=0,
+                **({"pca_f2": 0.0, "pca_centred2": 0.0, "pca_z2": 0.0} if proj is not None else {}))
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=reader, name="teacher-reader", daemon=True),
@@ -265,36 +301,23 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
                 if item is None:
                     break
                 si, a, b, last, x = item
-                x = x.to(device, non_blocking=True)
-                if flip:
-                    x = torch.cat([x, x.flip(2)])  # NHWC: axis 2 is the image's width
-                x = teacher.preprocess(x)
                 if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                    x = x.to(device, non_blocking=True)
+                    if flip:
+                        x = torch.cat([x, x.flip(2)])  # NHWC: axis 2 is the image's width
+                    x = teacher.preprocess(x).contiguous(memory_format=torch.channels_last)
                 with autocast:
                     feats, probs = teacher.forward(x)
-                v, i = torch.topk(probs, k, dim=1, largest=True, sorted=True)
-                left = (1.0 - v.sum(1)).clamp_min_(0.0)
-                dev = {"features": feats.to(torch.float16), "soft_labels/prob": v.to(torch.float16),
-                       "soft_labels/index": i.to(torch.int32),
-                       "_leftover": torch.stack([left.sum(dtype=torch.float64),
-                                                 left.max().to(torch.float64),
-                                                 torch.tensor(float(left.numel()), dtype=torch.float64,
-                                                              device=left.device)])}
-                if flip:
-                    m = b - a
-                    for name, fname in zip(ARRAYS, FLIP_ARRAYS):
-                        dev[fname], dev[name] = dev[name][m:], dev[name][:m]
                 if cuda:
                     host = {}
-                    for name, t in dev.items():
+                    for name, t in _postprocess(feats, probs, k, flip, b - a, proj).items():
                         h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                         h.copy_(t, non_blocking=True)
                         host[name] = h
                     event = torch.cuda.Event()
                     event.record()
                 else:
-                    host, event = {name: t.contiguous() for name, t in dev.items()}, None
+                    host, event = {"_raw": (feats, probs)}, None
                 _put(q_out, (si, a, b, last, host, event), stop)
                 n += b - a
             _put(q_out, None, stop)
@@ -312,14 +335,42 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
 
 
 def shards_task(tcfg: dict, device: str, frames_path: str, shards: list, part_attrs: dict,
-                torch_threads: int | None = None) -> dict:
+                torch_threads: int | None = None, pca: dict | None = None) -> dict:
     """One dask task: the shards given, in a worker process (the teacher is built once there)."""
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
     teacher = get_teacher(tcfg, device)
     rgb = zarr.open_group(frames_path, mode="r")["rgb"]
     return process_shards(teacher, rgb, shards, int(tcfg["batch_size"]), int(tcfg["top_k"]),
-                          bool(tcfg.get("flip_pass")), part_attrs)
+                          bool(tcfg.get("flip_pass")), part_attrs, pca=pca)
+
+
+def fitted_pca(tcfg: dict, teacher, rgb, writer: GroupWriter) -> dict | None:
+    """The channel projection of ``teacher.pca_channels`` (None when unset), fitted once per
+    configuration and kept beside the parts, so that every shard of a run, resumed or not, uses
+    the same one (a GPU fit in bf16 is not bit-reproducible)."""
+    channels = tcfg.get("pca_channels")
+    if not channels:
+        return None
+    from pipeline import feature_pca as P
+
+    path = writer.parts_dir / "pca.npz"
+    if path.exists():
+        try:
+            p = P.load(path)
+            if str(p.get("weights_sha256")) == teacher.weights_sha256:
+                return p
+        except (OSError, ValueError, KeyError) as exc:  # unreadable: fitted again
+            log.info("teacher: %s unreadable (%s); fitting again", path, exc)
+    t0 = time.perf_counter()
+    p = P.fit_teacher(teacher, rgb, int(channels), int(tcfg.get("pca_fit_frames", 256)), int(tcfg["batch_size"]))
+    p["weights_sha256"] = np.array(teacher.weights_sha256)
+    with writing(path, "write the fitted projection"):
+        P.save(path, p)
+    log.info("teacher: fitted a %d -> %d channel projection on %d frames (%d vectors) in %.1f s; it keeps "
+             "%.2f %% of the sample's variance", p["mean"].shape[0], int(channels), p["fit_frames"],
+             p["fit_vectors"], time.perf_counter() - t0, 100 * p["explained"])
+    return P.load(path)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -396,6 +447,12 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
     k = min(k_req, label_shape[0])
     part_attrs = {"weights_sha256": teacher.weights_sha256, "flip_pass": flip, "top_k": k}
     writer.prepare_parts()
+    pca = fitted_pca(tcfg, teacher, rgb, writer)
+    if pca is not None:
+        from pipeline.feature_pca import sha256 as pca_sha256
+
+        part_attrs["pca_sha256"] = pca_sha256(pca)
+        feat_shape = (int(pca["components"].shape[0]),) + tuple(feat_shape[1:])
     shards = shard_ranges(n_frames, size)
     todo = [(name, a, b, str(writer.part_path(name))) for name, a, b in shards
             if not _part_ok(writer, name, a, b, part_attrs)]
@@ -407,19 +464,18 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
     if todo:
         frames_path = str(Path(wd) / "frames.zarr" / g.upstream.path)
         if in_process:
-            from tqdm import tqdm
+            from lift3d.progress import bar as progress_bar
 
-            bar = tqdm(total=sum(b - a for _, a, b, _ in todo), desc=f"teacher/{g.path}",
-                       unit="frame", dynamic_ncols=True, mininterval=0.5)
+            bar = progress_bar(sum(b - a for _, a, b, _ in todo), f"teacher/{g.path}", "frame")
             try:
                 res = process_shards(teacher, rgb, todo, int(tcfg["batch_size"]), k_req, flip,
-                                     part_attrs, progress=bar.update)
+                                     part_attrs, progress=bar.update, pca=pca)
             finally:
                 bar.close()
             processed, seconds = res["frames"], res["seconds"]
         else:
             tasks = [(name, (tcfg, device, frames_path, [(name, a, b, p)], part_attrs,
-                             cl.get("threads_per_worker")))
+                             cl.get("threads_per_worker"), pca))
                      for name, a, b, p in todo]
             with dask_client(cl) as client:
                 t1 = time.perf_counter()  # from the first task on (cluster start-up left out)
@@ -429,11 +485,14 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
 
     # the leftover mass over every shard (parts written now or by an earlier, killed run)
     lo_sum, lo_max, cells = 0.0, 0.0, 0
+    energy = np.zeros(3)  # sum ||f||^2, ||f - mu||^2, ||z||^2 (channel projection only)
     for name, _, _ in shards:
         a = zarr.open_group(str(writer.part_path(name)), mode="r").attrs
         lo_sum += a["leftover_sum"]
         lo_max = max(lo_max, a["leftover_max"])
         cells += a["leftover_cells"]
+        if pca is not None:
+            energy += [a["pca_f2"], a["pca_centred2"], a["pca_z2"]]
     c, h, w = feat_shape
     _, hs, ws = label_shape
     bpf = {"features": c * h * w * 2, "soft_labels": k * hs * ws * (2 + 2)}
@@ -457,9 +516,23 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
         # after these attributes (see the report), so "shards" is the reliable part list
         "scenes": list(frames.attrs.get("scenes", [])),
     }
+    extra = {}
+    if pca is not None:
+        residual = max(0.0, energy[1] - energy[2])
+        attrs["features_reduction"] = {
+            "method": "pca", "channels_in": int(pca["mean"].shape[0]), "channels": int(feat_shape[0]),
+            "fit_frames": int(pca["fit_frames"]), "fit_vectors": int(pca["fit_vectors"]),
+            "explained_variance_fit": float(pca["explained"]),
+            # over every stored frame (the flip pass included), before float16 rounding
+            "relative_error": residual / energy[0] if energy[0] > 0 else 0.0,
+            "unexplained_variance": residual / energy[1] if energy[1] > 0 else 0.0,
+            "sha256": part_attrs["pca_sha256"],
+            "reconstruct": "f = pca/mean[:, None, None] + einsum('kc,khw->chw', pca/components, features[i])",
+        }
+        extra = {"pca/mean": pca["mean"], "pca/components": pca["components"]}
     tmpl = templates(feat_shape, label_shape, k, flip)
     writer.commit([name for name, _, _ in shards], attrs=attrs,
-                  chunks={name: (1,) + tuple(tail) for name, (tail, _) in tmpl.items()})
+                  chunks={name: (1,) + tuple(tail) for name, (tail, _) in tmpl.items()}, extra=extra)
     final = group_state(wd, "teacher", g.path)
     ips = processed * (2 if flip else 1) / seconds if seconds > 0 else 0.0
     log.info("teacher/%s: wrote %d frames (%d processed now, %.1f images/s); top-%d leftover mass "

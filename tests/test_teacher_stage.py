@@ -351,3 +351,73 @@ def test_eval_teacher_without_labels(tmp_path):
 def test_eval_teacher_refuses_missing_stores_before_looking_for_labels(tmp_path):
     with pytest.raises(StoreError, match="lift3d run frames"):
         eval_teacher(make_cfg(tmp_path), "tiny")
+
+
+def test_pca_channel_reduction_against_numpy_svd(tmp_path, reference):
+    """teacher.pca_channels: the stored features are W (f - mu) for the top principal directions
+    of the fit sample (here all 6 frames), checked against numpy's SVD of the reference features;
+    the reported error is the residual energy computed here from the reference."""
+    cfg = make_cfg(tmp_path, pca_channels=8, pca_fit_frames=6)
+    write_frames(cfg)
+    (row,) = TS.run(cfg)
+    g = tgroup(cfg)
+    feats_ref = reference[0]                                   # (6, 320, 2, 3) float32
+    x = feats_ref.transpose(0, 2, 3, 1).reshape(-1, 320).astype(np.float64)
+    mu = x.mean(0)
+    _, sv, vt = np.linalg.svd(x - mu, full_matrices=False)
+    np.testing.assert_allclose(g["pca/mean"][...], mu, rtol=1e-4, atol=1e-4)
+    w = g["pca/components"][...].astype(np.float64)
+    assert w.shape == (8, 320)
+    np.testing.assert_allclose(w @ w.T, np.eye(8), atol=1e-4)  # orthonormal rows
+    np.testing.assert_allclose(np.abs(np.sum(w * vt[:8], axis=1)), 1.0, atol=1e-3)  # same directions
+    z = np.einsum("kc,nchw->nkhw", w, feats_ref - mu[None, :, None, None])
+    assert g["features"].shape == (6, 8, 2, 3) and g["features"].dtype == np.float16
+    np.testing.assert_allclose(g["features"][...].astype(np.float64), z, rtol=2e-3, atol=2e-2)
+    red = g.attrs["features_reduction"]
+    resid = ((x - mu) ** 2).sum() - (sv[:8] ** 2).sum()
+    assert red["channels_in"] == 320 and red["channels"] == 8 and red["fit_frames"] == 6
+    assert red["relative_error"] == pytest.approx(resid / (x ** 2).sum(), rel=1e-3)
+    assert red["unexplained_variance"] == pytest.approx(resid / ((x - mu) ** 2).sum(), rel=1e-3)
+    assert red["explained_variance_fit"] == pytest.approx(1 - red["unexplained_variance"], abs=1e-4)
+    assert g.attrs["features_shape"] == [8, 2, 3] and row["feature_bytes_per_frame"] == 8 * 2 * 3 * 2
+    # rebuilding from the stored arrays as the attribute says gives the map back up to the residual
+    rebuilt = g["pca/mean"][...][None, :, None, None] + np.einsum("kc,nkhw->nchw", w, g["features"][...])
+    err = ((rebuilt - feats_ref) ** 2).sum() / (feats_ref ** 2).sum()
+    assert err == pytest.approx(red["relative_error"], rel=0.05, abs=1e-5)
+
+
+def test_pca_channels_must_be_fewer_than_the_teachers(tmp_path):
+    cfg = make_cfg(tmp_path, pca_channels=320)
+    write_frames(cfg)
+    with pytest.raises(ValueError, match="pca_channels must be between 1 and 319"):
+        TS.run(cfg)
+
+
+def test_pca_resume_reuses_the_fitted_projection(tmp_path, monkeypatch):
+    """A run stopped after its first shard keeps its fitted projection beside the parts; the
+    re-run does not fit again and gives the store of one clean run."""
+    from pipeline import feature_pca
+
+    clean_cfg = make_cfg(tmp_path / "clean", pca_channels=4, pca_fit_frames=4)
+    write_frames(clean_cfg)
+    TS.run(clean_cfg)
+    want = arrays(tgroup(clean_cfg))
+
+    cfg = make_cfg(tmp_path / "resumed", pca_channels=4, pca_fit_frames=4)
+    write_frames(cfg)
+    real = TS.process_shards
+
+    def first_shard_only(teacher, rgb, shards, *a, **k):
+        real(teacher, rgb, shards[:1], *a, **k)
+        raise RuntimeError("stopped after one shard")
+
+    monkeypatch.setattr(TS, "process_shards", first_shard_only)
+    with pytest.raises(RuntimeError, match="stopped"):
+        TS.run(cfg)
+    monkeypatch.setattr(TS, "process_shards", real)
+    monkeypatch.setattr(feature_pca, "fit_teacher", lambda *a, **k: pytest.fail("fitted twice"))
+    TS.run(cfg)
+    got = arrays(tgroup(cfg))
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_array_equal(tgroup(cfg)["pca/components"][...], tgroup(clean_cfg)["pca/components"][...])
