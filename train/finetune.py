@@ -39,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lift3d.backbones import sha256_path
 from lift3d.config import sha256_json, workdir as get_workdir
+from lift3d.progress import bar as progress_bar
 from lift3d.store import StoreError, stage_lock, writing
 from pipeline.readers import ReaderError, make_reader
 from train import augment as A
@@ -482,7 +482,7 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     fh = open(d / "metrics.csv", "a", newline="")
     writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
     step = start
-    bar = tqdm(total=end - start, desc=f"finetune/{meta['init']}", unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = progress_bar(end - start, f"finetune/{meta['init']}", "step", mininterval=1.0)
     try:
         for step in range(start, end):
             lr = lr_at(f, step)

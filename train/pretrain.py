@@ -55,9 +55,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from lift3d.config import sha256_json, workdir as get_workdir
+from lift3d.progress import bar as progress_bar
 from lift3d.stages import groups
 from lift3d.store import StoreError, group_state, stage_lock, writing
 from train.data import METHODS, loader, open_sources
@@ -552,8 +552,7 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
         writer = csv.DictWriter(fh, fieldnames=METRICS)
     tb = _TensorBoard(d, start, enabled=dd.main)
     step = start
-    bar = tqdm(total=end - start, desc=f"pretrain/{p['method']}", unit="step", dynamic_ncols=True, mininterval=1.0,
-               disable=not dd.main)
+    bar = progress_bar(end - start, f"pretrain/{p['method']}", "step", mininterval=1.0, disable=not dd.main)
     try:
         if start < end:
             for batch in loader(cfg, sources, start=start, stop=end, rank=dd.rank, world=dd.world):
