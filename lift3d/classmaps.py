@@ -19,11 +19,14 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["SCANNET20_NYU40_IDS", "nyu40_names", "scannet20_names", "nyu40_to_scannet20",
+__all__ = ["SCANNET20_NYU40_IDS", "IGNORE_INDEX", "nyu40_names", "scannet20_names", "nyu40_to_scannet20",
            "ade20k150_names", "ade20k150_to_nyu40", "imagenet_to_nyu40", "teacher_to_nyu40",
            "teacher_to_scannet20", "load_table"]
 
 SCANNET20_NYU40_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)
+# the one "no ScanNet-20 class" value everywhere in lift3d (labels, losses, evaluation): it
+# fits the uint8 label arrays; pass it as a loss's ignore_index
+IGNORE_INDEX = 255
 
 
 @lru_cache(maxsize=None)
@@ -40,7 +43,7 @@ def nyu40_names() -> list[str]:
     return [r["nyu40_name"] for r in rows]
 
 
-def nyu40_to_scannet20(ignore_index: int = -100) -> np.ndarray:
+def nyu40_to_scannet20(ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """(41,) int64: NYU40 id (0 = unlabelled) -> ScanNet-20 index, ``ignore_index`` if none."""
     lut = np.full(41, ignore_index, dtype=np.int64)
     for r in load_table("nyu40_scannet20.csv"):
@@ -104,7 +107,7 @@ def teacher_to_nyu40(classes: list[str]) -> np.ndarray:
                      f"(known: ImageNet-1k, ADE20K-150)")
 
 
-def teacher_to_scannet20(classes: list[str], ignore_index: int = -100) -> np.ndarray:
+def teacher_to_scannet20(classes: list[str], ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """Teacher class index -> ScanNet-20 index (``ignore_index`` where none)."""
     nyu = teacher_to_nyu40(classes)
     return nyu40_to_scannet20(ignore_index)[nyu]

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import logging
 import zipfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from lift3d.classmaps import nyu40_to_scannet20, scannet20_names, teacher_to_scannet20
+from lift3d.classmaps import IGNORE_INDEX, nyu40_to_scannet20, scannet20_names, teacher_to_scannet20
 from lift3d.config import workdir as get_workdir
 from lift3d.stages import groups
 from lift3d.store import open_group
@@ -41,7 +40,6 @@ from pipeline.scannet_labels import read_label_map
 
 log = logging.getLogger("lift3d")
 
-IGNORE = -100
 N_CLASSES = 20
 LABELS_TSV = "scannetv2-labels.combined.tsv"
 SCANNET_KINDS = ("scannet", "synthetic")  # datasets in ScanNet's raw layout (2D labels included)
@@ -82,7 +80,7 @@ class ScanNetLabels:
         if not tsv.is_file() and (self.root.parent / LABELS_TSV).is_file():
             tsv = self.root.parent / LABELS_TSV
         self.id_to_nyu = load_label_map(tsv)
-        self.nyu_to_20 = nyu40_to_scannet20(IGNORE)
+        self.nyu_to_20 = nyu40_to_scannet20(IGNORE_INDEX)
         self._zips: dict[str, zipfile.ZipFile | None] = {}
 
     def available(self) -> bool:
@@ -110,7 +108,7 @@ class ScanNetLabels:
         return _decode_png16(data, f"{zf.filename}:{name}")
 
     def __call__(self, scene: str, frame: int) -> np.ndarray | None:
-        """ScanNet-20 index per pixel (IGNORE where none), or None without a label image."""
+        """ScanNet-20 index per pixel (IGNORE_INDEX where none), or None without a label image."""
         ids = self.raw(scene, frame)
         if ids is None:
             return None
@@ -174,7 +172,7 @@ def default_labels(entry: dict, wd: Path) -> Callable | None:
 def eval_teacher(cfg: dict, dataset: str, labels: Callable | None = None) -> dict:
     """mIoU of the teacher's top-1 pseudo-labels (ScanNet-20) against the dataset's 2D labels.
 
-    ``labels(scene, source_index)`` -> ScanNet-20 index per pixel (any size; IGNORE / negative
+    ``labels(scene, source_index)`` -> ScanNet-20 index per pixel (any size; IGNORE_INDEX or any value outside 0..19
     = unlabelled) or None; by default ScanNet's label-filt PNGs for ScanNet-layout datasets.
     """
     wd = get_workdir(cfg)
@@ -194,7 +192,7 @@ def eval_teacher(cfg: dict, dataset: str, labels: Callable | None = None) -> dic
         return {**out, "evaluated": False,
                 "reason": f"no ground-truth 2D labels for kind {entry['kind']!r} (ScanNet layout with "
                           f"scans/<scene>/<scene>_2d-label-filt.zip needed)"}
-    lut = teacher_to_scannet20(list(teacher.attrs["classes"]), IGNORE)
+    lut = teacher_to_scannet20(list(teacher.attrs["classes"]), IGNORE_INDEX)
     index = teacher["soft_labels/index"]
     scenes = list(frames.attrs["scenes"])
     scene_index = frames["scene_index"][...]
@@ -211,7 +209,7 @@ def eval_teacher(cfg: dict, dataset: str, labels: Callable | None = None) -> dic
                 missing += 1
                 continue
             gt = to_grid(np.asarray(gt), h_img, w_img).astype(np.int64)
-            top1 = lut[index[i, 0].astype(np.int64)]          # (hs, ws) ScanNet-20 or IGNORE
+            top1 = lut[index[i, 0].astype(np.int64)]          # (hs, ws) ScanNet-20 or IGNORE_INDEX
             pred = top1[rows[:, None], cols[None, :]]
             conf += confusion(gt, pred)
             done += 1

@@ -17,13 +17,12 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from lift3d.classmaps import SCANNET20_NYU40_IDS
+from lift3d.classmaps import IGNORE_INDEX, SCANNET20_NYU40_IDS
 from lift3d.classmaps import nyu40_to_scannet20 as _lut
 from pipeline.ply_io import read_ply
 from pipeline.readers import ReaderError
 
 BENCHMARK_NYU40 = SCANNET20_NYU40_IDS
-IGNORE_INDEX = 255
 
 
 def nyu40_to_scannet20(nyu40: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:

@@ -6,7 +6,6 @@ confusion matrices and from the meshes with plain numpy; label files are written
 torch.save as the benchmark ships them.
 """
 
-import copy
 import json
 
 import numpy as np

@@ -49,7 +49,6 @@ from lift3d.classmaps import scannet20_names
 from lift3d.config import sha256_json, workdir as get_workdir
 from lift3d.stages import groups
 from lift3d.store import GroupWriter, PartWriter, StoreError, group_state, open_group, stage_lock, store_path
-from pipeline.eval_teacher import IGNORE as EVAL_IGNORE
 from pipeline.eval_teacher import confusion, default_labels, scores, to_grid
 from pipeline.reader_common import read_split
 from pipeline.readers import Frame, make_reader
@@ -392,7 +391,7 @@ class TrainData:
                 lab = np.full(self.hw, IGNORE_INDEX, np.int64)
             else:
                 lab = to_grid(np.asarray(raw), *self.hw).astype(np.int64)
-                lab[(lab < 0) | (lab >= NUM_CLASSES)] = IGNORE_INDEX      # eval_teacher's -100 -> 255
+                lab[(lab < 0) | (lab >= NUM_CLASSES)] = IGNORE_INDEX
             if len(self._gt) < 4096:
                 self._gt[k] = lab
             return lab
@@ -793,7 +792,7 @@ def evaluate(cfg: dict, sources: list[Source], nets: dict[str, Seg2D]) -> dict:
                             if device.type == "cuda":
                                 torch.cuda.synchronize()
                             times[k].append(time.perf_counter() - t)
-                        conf[k] += confusion(np.where(gt >= 0, gt, EVAL_IGNORE), pred[0].cpu().numpy())
+                        conf[k] += confusion(gt, pred[0].cpu().numpy())
                     n_frames += 1
         finally:
             labels.close()
