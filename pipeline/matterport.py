@@ -8,6 +8,16 @@
 (row-major) in the OpenGL camera convention (x right, y up, looking along -z):
 pose_opencv = pose_gl @ diag(1, -1, -1, 1). source_index = the scan line's order in the .conf.
 Splits: ``<root>/scenes_{train,val}.txt`` (house ids, one per line; Matterport's own files).
+
+Principal point: Matterport's data organisation notes say every image of the .conf has its
+origin at the bottom-left, so ``cy`` counts rows from the bottom. The store's row 0 is the top
+of the stored image (OpenCV), so ``cy_opencv = H - 1 - cy`` (entry key ``cy_origin: bottom``,
+the default). The evidence: the undistorted ``fx, fy, cx`` repeat the raw (top-left, OpenCV)
+intrinsics of the same camera, while the raw ``cy`` equals 1023 - the .conf's ``cy`` on
+1024-row images; Matterport's own GAPS code flips image rows on reading. Some public
+preprocessing uses ``cy`` as is (``cy_origin: top`` does that); the two differ by
+``|2 cy - (H - 1)|`` rows, a few to ~20 at 1024 rows. Not yet checked here by reprojecting a
+depth image onto a house mesh (no Matterport data on this machine).
 """
 
 from __future__ import annotations
@@ -68,12 +78,16 @@ def parse_conf(path: Path) -> list[Scan]:
 
 class Reader(BaseReader):
     kind = "matterport"
-    extra_keys = {}
+    extra_keys = {"cy_origin": str}
 
     def __init__(self, entry: dict, workdir: Path):
         super().__init__(entry, workdir)
         if self.root is None:
             raise ReaderError(f"dataset {entry.get('name')!r}: no root given")
+        self.cy_origin = entry.get("cy_origin", "bottom")
+        if self.cy_origin not in ("bottom", "top"):
+            raise ReaderError(f"dataset {entry.get('name')!r}: cy_origin must be 'bottom' (Matterport's documented "
+                              f"image origin, the default) or 'top', got {self.cy_origin!r}")
         self._size = None
 
     def conf_path(self, house: str) -> Path:
@@ -128,7 +142,10 @@ class Reader(BaseReader):
                                   f"{bgr.shape[1]}x{bgr.shape[0]}")
             # 0.25 mm -> mm, rounding to nearest (integer arithmetic: (d + 2) // 4)
             depth = ((raw.astype(np.uint32) + 2) // 4).astype(np.uint16)
-            intr = scale_intrinsics(*s.intrinsics, raw.shape, out_hw)
+            fx, fy, cx, cy = s.intrinsics
+            if self.cy_origin == "bottom":  # rows counted from the bottom -> from the top
+                cy = raw.shape[0] - 1 - cy
+            intr = scale_intrinsics(fx, fy, cx, cy, raw.shape, out_hw)
             pose = s.pose_gl @ GL_TO_CV
             yield Frame(i, resize_rgb(bgr_to_rgb(bgr), out_hw), resize_depth(depth, out_hw), intr,
                         pose.astype(np.float32))

@@ -10,8 +10,13 @@ from pipeline.matterport import Reader
 
 H, W = 16, 20
 HOUSE = "17DRP5sb8fy"
-K1 = (25.0, 26.0, 9.5, 7.5)
+K1 = (25.0, 26.0, 9.5, 5.0)   # as written in the .conf: cy counted from the bottom row
 K2 = (40.0, 40.0, 10.0, 8.0)
+
+
+def opencv(k):
+    """The same intrinsics with rows counted from the top: cy -> H - 1 - cy."""
+    return (k[0], k[1], k[2], H - 1 - k[3])
 # camera at (1, 2, 3) looking along world +x with world z up, in OpenGL axes (x right, y up, z back)
 POSE_GL = np.array([[0, 0, -1, 1], [-1, 0, 0, 2], [0, 1, 0, 3], [0, 0, 0, 1.0]])
 # the same camera in OpenCV axes (x right, y down, z forward), worked by hand
@@ -67,7 +72,7 @@ def test_depth_units_intrinsics_blocks_and_pose_convention(tmp_path):
         # mm = d / 4 rounded: d = 4000 + 4 i + n -> 1000 + i + round(n / 4) (halves round up)
         n = np.arange(H * W).reshape(H, W)
         np.testing.assert_array_equal(f.depth, 1000 + f.source_index + (n + 2) // 4)
-        np.testing.assert_allclose(f.intrinsics, K1 if f.source_index < 2 else K2)  # block applies onwards
+        np.testing.assert_allclose(f.intrinsics, opencv(K1 if f.source_index < 2 else K2))  # block applies onwards
         expect = POSE_CV.copy()
         expect[2, 3] += f.source_index
         np.testing.assert_allclose(f.pose, expect, atol=1e-6)
@@ -88,7 +93,7 @@ def test_frame_skip_and_skips(tmp_path):
 def test_image_size_and_errors(tmp_path):
     write_house(tmp_path)
     f = next(iter(reader(tmp_path, image_size=[8, 10]).frames(HOUSE, 1)))
-    np.testing.assert_allclose(f.intrinsics, [12.5, 13, 4.5, 3.5])  # (c + 0.5) / 2 - 0.5
+    np.testing.assert_allclose(f.intrinsics, [12.5, 13, 4.5, 4.75])  # (c + 0.5) / 2 - 0.5, cy = 15 - 5 = 10
     write_house(tmp_path, bad={1: "size"})
     with pytest.raises(ReaderError, match=r"pano1_d1_1\.png: depth is 24x16 but colour"):
         list(reader(tmp_path).frames(HOUSE, 1))
@@ -109,3 +114,28 @@ def test_splits(tmp_path):
     assert reader(tmp_path, split="val").scenes() == ["zsNo4HB9uLZ"]
     with pytest.raises(ReaderError, match=r"scenes_train\.txt not found"):
         reader(tmp_path, split="train").scenes()
+
+
+def test_bottom_origin_cy_projects_like_matterports_convention(tmp_path):
+    """A point in front of the camera lands on the same stored row whether it is projected the
+    way Matterport documents its .conf (OpenGL camera, y up, rows counted from the bottom with
+    the .conf's cy) or with the stored OpenCV intrinsics and pose (rows from the top)."""
+    write_house(tmp_path)
+    f = next(iter(reader(tmp_path).frames(HOUSE, 1)))
+    fx, fy, cx, cy = K1
+    p_world = np.array([2.0, 1.7, 3.4, 1.0])               # 1 m ahead, a bit right and up
+    x, y, z = (np.linalg.inv(POSE_GL) @ p_world)[:3]       # OpenGL camera: looks along -z, y up
+    row_from_bottom = cy + fy * y / -z
+    col = cx + fx * x / -z
+    X, Y, Z = (np.linalg.inv(f.pose.astype(float)) @ p_world)[:3]
+    fx2, fy2, cx2, cy2 = f.intrinsics
+    np.testing.assert_allclose([cx2 + fx2 * X / Z, cy2 + fy2 * Y / Z], [col, H - 1 - row_from_bottom], atol=1e-5)
+
+
+def test_cy_origin_top_keeps_cy_and_bad_values_are_refused(tmp_path):
+    write_house(tmp_path)
+    got = [g.intrinsics for g in reader(tmp_path, cy_origin="top").frames(HOUSE, 1)]
+    np.testing.assert_allclose(got[0], K1)
+    np.testing.assert_allclose(got[3], K2)
+    with pytest.raises(ReaderError, match="cy_origin must be 'bottom'"):
+        reader(tmp_path, cy_origin="up")
