@@ -421,3 +421,26 @@ def test_pca_resume_reuses_the_fitted_projection(tmp_path, monkeypatch):
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     np.testing.assert_array_equal(tgroup(cfg)["pca/components"][...], tgroup(clean_cfg)["pca/components"][...])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (the teacher's GPU path: bf16 autocast, channels-last, pinned "
+                           "memory, copies overlapped with compute); the CPU path is tested above")
+def test_gpu_path_agrees_with_the_float32_cpu_reference(tmp_path, reference):
+    """The GPU path in bf16 against the teacher called in float32 on the CPU: features within a
+    few per cent, the same top class on most cells, the channel reduction on the device too."""
+    cfg = make_cfg(tmp_path, device="cuda", pca_channels=8, pca_fit_frames=6)
+    write_frames(cfg)
+    (row,) = TS.run(cfg)
+    g = tgroup(cfg)
+    assert g.attrs["device"] == "cuda" and g.attrs["precision"] == "bf16 autocast"
+    feats_ref, probs_ref = reference
+    x = feats_ref.transpose(0, 2, 3, 1).reshape(-1, 320).astype(np.float64)
+    w, mu = g["pca/components"][...].astype(np.float64), g["pca/mean"][...].astype(np.float64)
+    z_ref = np.einsum("kc,nchw->nkhw", w, feats_ref - mu[None, :, None, None])
+    z = g["features"][...].astype(np.float64)
+    assert np.linalg.norm(z - z_ref) / np.linalg.norm(z_ref) < 0.05
+    assert np.abs(mu - x.mean(0)).max() < 0.05 * np.abs(x).max()
+    agree = (g["soft_labels/index"][:, 0].astype(np.int64) == probs_ref.argmax(1)).mean()
+    assert agree >= 0.8, f"top-1 agreement with the float32 reference {agree:.2f}"
+    assert row["processed"] == 6
