@@ -65,6 +65,7 @@ def dask_client(cluster: dict):
         lc = LocalCluster(n_workers=int(cluster.get("n_workers", 2)),
                           threads_per_worker=int(cluster.get("threads_per_worker", 1)),
                           processes=True, memory_limit=cluster.get("memory_limit", "4GiB"),
+                          resources=cluster.get("worker_resources") or None,
                           dashboard_address=None, silence_logs=logging.ERROR)
     client = Client(lc)
     try:
@@ -88,13 +89,15 @@ def init_worker(module: str, dask_worker=None) -> None:
 
 def run_tasks(client, fn: Callable, tasks: Iterable[tuple[str, tuple]], desc: str,
               unit: str = "scene", on_result: Callable[[str, Any], None] | None = None,
-              timings: dict | None = None) -> dict[str, Any]:
+              timings: dict | None = None, resources: dict | None = None) -> dict[str, Any]:
     """Run ``fn(*args)`` for each (name, args); progress bar with rate and ETA; results by name.
 
     The first failure cancels what is left and raises TaskError naming the task. Results
     already finished stay written (each task writes its own part), so a re-run resumes.
     ``timings``, when given, receives ``tasks``: the seconds from the first task submitted (after
     the workers are warmed up) to the last result.
+    ``resources`` (e.g. {"GPU": 1}) is what each task takes of the workers' declared resources
+    (``dask worker --resources GPU=1``; ``cluster.worker_resources`` for a LocalCluster).
     """
     tasks = list(tasks)
     results: dict[str, Any] = {}
@@ -117,7 +120,13 @@ def run_tasks(client, fn: Callable, tasks: Iterable[tuple[str, tuple]], desc: st
         # the first task on a fresh worker would otherwise pay the imports inside its own time
         client.run(init_worker, fn.__module__)
         t0 = time.perf_counter()
-        futures = {client.submit(fn, *args, key=f"{desc}-{name}-{id(tasks)}", pure=False): name
+        if resources:  # tasks whose resources no connected worker has would wait forever: say so
+            have = [w.get("resources", {}) for w in client.scheduler_info().get("workers", {}).values()]
+            if have and not any(all(r.get(k, 0) >= v for k, v in resources.items()) for r in have):
+                raise TaskError(f"{desc}: the tasks need worker resources {resources}, but no worker has them "
+                                f"(workers declare {have[:3]}): start the workers with --resources, or unset "
+                                f"cluster.gpu_resource")
+        futures = {client.submit(fn, *args, key=f"{desc}-{name}-{id(tasks)}", pure=False, resources=resources): name
                    for name, args in tasks}
         for fut in as_completed(list(futures)):
             name = futures[fut]

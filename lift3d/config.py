@@ -21,7 +21,7 @@ import yaml
 DEFAULTS_PATH = Path(os.environ.get("LIFT3D_DEFAULTS", Path(__file__).resolve().parent.parent / "stages.yaml"))
 STAGES = ("frames", "teacher", "points", "pretrain", "finetune", "distill2d")
 # keys whose value is a free-form mapping (not checked key by key)
-FREE_FORM = {"sweeps", "cluster.jobqueue"}
+FREE_FORM = {"sweeps", "cluster.jobqueue", "cluster.worker_resources"}
 DATASET_COMMON = {"name": str, "kind": str, "root": (str, type(None)), "frame_skip": int,
                   "split": str, "image_size": (list, type(None))}
 SPLITS = ("train", "val", "all")

@@ -39,7 +39,12 @@ runs the model (inference mode; on the GPU: bf16 autocast, channels-last, cudnn 
 non-blocking copies both ways), and a thread writes the finished batches into the parts, so
 the device never waits on Zarr. On a dask cluster (``cluster.n_workers > 0``, a scheduler or a
 jobqueue) each shard is a task and every worker process builds the teacher once; with a local
-cluster and a CUDA device the stage runs in this process (one process per GPU).
+cluster and a CUDA device the stage runs in this process. On a scheduler or a jobqueue cluster
+each worker resolves ``teacher.device`` itself (the client may have no GPU), and with
+``cluster.gpu_resource: GPU`` each shard takes one unit of the workers' ``GPU`` resource
+(``dask worker --resources GPU=1``, one worker per GPU), so several GPUs and nodes share the
+shards. Each part records the device it ran on; shards from different kinds of device are
+never committed into one group (bf16 and float32 outputs differ).
 """
 
 from __future__ import annotations
@@ -269,7 +274,7 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
                 stats["leftover_max"] = max(stats["leftover_max"], float(lo[1]))
                 stats["leftover_cells"] += int(lo[2])
                 if last:
-                    pw.finish(tmpl, **part_attrs, shard=name, start=s0, stop=s1, **stats)
+                    pw.finish(tmpl, **part_attrs, shard=name, start=s0, stop=s1, device=device.type, **stats)
                     pw = None
                 if progress is not None:
                     progress(b - a)
@@ -283,7 +288,7 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
     for name, a, b, path in shards:
         if a == b:
             PartWriter(Path(path), direct=tuple(tmpl)).finish(
-                tmpl, **part_attrs, shard=name, start=a, stop=b,
+                tmpl, **part_attrs, shard=name, start=a, stop=b, device=device.type,
                 leftover_sum=0.0, leftover_max=0.0, leftover_cells=0,
                 **({"pca_f2": 0.0, "pca_centred2": 0.0, "pca_z2": 0.0} if proj is not None else {}))
 
@@ -339,6 +344,7 @@ def shards_task(tcfg: dict, device: str, frames_path: str, shards: list, part_at
     """One dask task: the shards given, in a worker process (the teacher is built once there)."""
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
+    device = resolve_device(device)  # here, on the worker: its own GPU or none
     teacher = get_teacher(tcfg, device)
     rgb = zarr.open_group(frames_path, mode="r")["rgb"]
     return process_shards(teacher, rgb, shards, int(tcfg["batch_size"]), int(tcfg["top_k"]),
@@ -411,11 +417,12 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
     frames = open_group(wd, "frames", g.upstream.path, expect_lineage=g.upstream.lineage_sha256)
     writer = GroupWriter(wd, "teacher", g.path, g.config, upstream_sha256=g.upstream.config_sha256,
                          upstream_lineage=g.upstream.lineage_sha256)
-    device = resolve_device(tcfg.get("device"))
     cl = cfg["cluster"]
-    local_cuda = device.startswith("cuda") and not cl.get("scheduler") and not cl.get("jobqueue")
-    in_process = local_cuda or (int(cl.get("n_workers", 1)) == 0 and not cl.get("scheduler")
-                                and not cl.get("jobqueue"))
+    remote = bool(cl.get("scheduler") or cl.get("jobqueue"))
+    # on a scheduler or a jobqueue cluster each worker resolves teacher.device itself (the
+    # client, e.g. a login node, may have no GPU); locally it is resolved here
+    device = str(tcfg.get("device") or "auto") if remote else resolve_device(tcfg.get("device"))
+    in_process = not remote and (device.startswith("cuda") or int(cl.get("n_workers", 1)) == 0)
     teacher = get_teacher(tcfg, device if in_process else "cpu")
     old = group_state(wd, "teacher", g.path)
     if writer.up_to_date() and old.get("weights_sha256") == teacher.weights_sha256:
@@ -477,22 +484,35 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
             tasks = [(name, (tcfg, device, frames_path, [(name, a, b, p)], part_attrs,
                              cl.get("threads_per_worker"), pca))
                      for name, a, b, p in todo]
+            # a GPU shard takes one unit of the workers' GPU resource, so a worker runs one at a time
+            gpu = cl.get("gpu_resource")
+            resources = {str(gpu): 1} if gpu and not device.startswith("cpu") else None
             with dask_client(cl) as client:
                 t1 = time.perf_counter()  # from the first task on (cluster start-up left out)
-                res = run_tasks(client, shards_task, tasks, desc=f"teacher/{g.path}", unit="shard")
+                res = run_tasks(client, shards_task, tasks, desc=f"teacher/{g.path}", unit="shard",
+                                resources=resources)
             processed = sum(r["frames"] for r in res.values())
             seconds = time.perf_counter() - t1
 
     # the leftover mass over every shard (parts written now or by an earlier, killed run)
     lo_sum, lo_max, cells = 0.0, 0.0, 0
     energy = np.zeros(3)  # sum ||f||^2, ||f - mu||^2, ||z||^2 (channel projection only)
+    devices: dict[str, list[str]] = {}
     for name, _, _ in shards:
         a = zarr.open_group(str(writer.part_path(name)), mode="r").attrs
+        devices.setdefault(str(a.get("device", "cpu")), []).append(name)
         lo_sum += a["leftover_sum"]
         lo_max = max(lo_max, a["leftover_max"])
         cells += a["leftover_cells"]
         if pca is not None:
             energy += [a["pca_f2"], a["pca_centred2"], a["pca_z2"]]
+    if len(devices) > 1:  # bf16 on the GPU and float32 on the CPU are never mixed in one group
+        raise StoreError(f"teacher/{g.path}: shards ran on different devices ("
+                         + "; ".join(f"{d}: {', '.join(n[:3])}{' ...' if len(n) > 3 else ''}"
+                                     for d, n in sorted(devices.items()))
+                         + "); set teacher.device to cpu or cuda explicitly (the shards are then redone) "
+                           "and give every worker the same kind of device")
+    device = next(iter(devices), device)
     c, h, w = feat_shape
     _, hs, ws = label_shape
     bpf = {"features": c * h * w * 2, "soft_labels": k * hs * ws * (2 + 2)}

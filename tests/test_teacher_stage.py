@@ -444,3 +444,53 @@ def test_gpu_path_agrees_with_the_float32_cpu_reference(tmp_path, reference):
     agree = (g["soft_labels/index"][:, 0].astype(np.int64) == probs_ref.argmax(1)).mean()
     assert agree >= 0.8, f"top-1 agreement with the float32 reference {agree:.2f}"
     assert row["processed"] == 6
+
+
+def test_cluster_workers_resolve_the_device_and_take_the_gpu_resource(tmp_path):
+    """On a scheduler the workers resolve teacher.device themselves (auto -> cpu here) and each
+    shard takes one unit of cluster.gpu_resource; without workers that declare it, a clear error."""
+    from dask.distributed import LocalCluster
+
+    from lift3d.cluster import TaskError
+
+    want = None
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=None) as lc:
+        cfg = make_cfg(tmp_path / "gpu", device="auto")
+        cfg["cluster"].update({"scheduler": lc.scheduler_address, "gpu_resource": "GPU"})
+        write_frames(cfg)
+        (row,) = TS.run(cfg)
+        assert row["processed"] == 6 and tgroup(cfg).attrs["device"] == "cpu"
+        want = arrays(tgroup(cfg))
+        cfg2 = make_cfg(tmp_path / "none", device="auto")
+        cfg2["cluster"].update({"scheduler": lc.scheduler_address, "gpu_resource": "TPU"})
+        write_frames(cfg2)
+        with pytest.raises(TaskError, match=r"need worker resources \{'TPU': 1\}, but no worker has them"):
+            TS.run(cfg2)
+    clean = make_cfg(tmp_path / "clean", device="cpu")
+    write_frames(clean)
+    TS.run(clean)
+    for name, a in arrays(tgroup(clean)).items():
+        np.testing.assert_array_equal(want[name], a, err_msg=name)
+
+
+def test_shards_from_different_devices_are_never_committed_together(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path)
+    write_frames(cfg)
+    real = TS.process_shards
+
+    def first_shard_only(teacher, rgb, shards, *a, **k):
+        real(teacher, rgb, shards[:1], *a, **k)
+        raise RuntimeError("stopped after one shard")
+
+    monkeypatch.setattr(TS, "process_shards", first_shard_only)
+    with pytest.raises(RuntimeError, match="stopped"):
+        TS.run(cfg)
+    monkeypatch.setattr(TS, "process_shards", real)
+    g = S.groups(cfg, "teacher")[0]
+    w = GroupWriter(C.workdir(cfg), "teacher", g.path, g.config, upstream_lineage=g.upstream.lineage_sha256)
+    zarr.open_group(str(w.part_path("shard-000000")), mode="a").attrs["device"] = "cuda"  # as a GPU worker would
+    with pytest.raises(StoreError, match=r"shards ran on different devices \(cpu: shard-000001, shard-000002; "
+                                         r"cuda: shard-000000\); set teacher.device to cpu or cuda explicitly"):
+        TS.run(cfg)
+    assert not (C.workdir(cfg) / "teacher.zarr" / g.path / "zarr.json").exists()

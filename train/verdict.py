@@ -53,11 +53,11 @@ def _variant(cfg: dict, method: str | None, seed: int, la_points: int | None) ->
 
 def _init_worker(threads: int) -> None:
     """A verdict worker process: pinned threads (MinkowskiEngine reads OMP_NUM_THREADS when it
-    loads), no progress bars (two would interleave)."""
+    loads), progress as plain lines (two redrawn bars would garble a shared terminal)."""
     import os
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["LIFT3D_PROGRESS"] = "lines"
     import torch
 
     torch.set_num_threads(threads)
