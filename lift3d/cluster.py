@@ -7,6 +7,7 @@ dask-jobqueue cluster (SLURM/PBS/...) — the same task functions in every case.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable
@@ -61,11 +62,11 @@ def dask_client(cluster: dict):
     # glibc malloc settings for the workers (lift3d.launch). The nanny's own MALLOC_TRIM_THRESHOLD_
     # of 64 KiB also freezes glibc's mmap threshold at 128 KiB, so every per-frame buffer would be
     # mmap'ed and page-faulted anew (zstd-encoding a frame: 1.16 vs 0.69 ms in this process)
-    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in MALLOC_ENV.items()}):
+    env = {} if os.environ.get("LIFT3D_MALLOC") == "default" else MALLOC_ENV
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in env.items()}):
         lc = LocalCluster(n_workers=int(cluster.get("n_workers", 2)),
                           threads_per_worker=int(cluster.get("threads_per_worker", 1)),
                           processes=True, memory_limit=cluster.get("memory_limit", "4GiB"),
-                          resources=cluster.get("worker_resources") or None,
                           dashboard_address=None, silence_logs=logging.ERROR)
     client = Client(lc)
     try:
@@ -97,7 +98,9 @@ def run_tasks(client, fn: Callable, tasks: Iterable[tuple[str, tuple]], desc: st
     ``timings``, when given, receives ``tasks``: the seconds from the first task submitted (after
     the workers are warmed up) to the last result.
     ``resources`` (e.g. {"GPU": 1}) is what each task takes of the workers' declared resources
-    (``dask worker --resources GPU=1``; ``cluster.worker_resources`` for a LocalCluster).
+    (``dask worker --resources GPU=1``). Checked against the connected workers before submitting;
+    workers that connect later (a jobqueue) are not checked, so their tasks wait for one that has
+    the resources.
     """
     tasks = list(tasks)
     results: dict[str, Any] = {}
@@ -121,7 +124,11 @@ def run_tasks(client, fn: Callable, tasks: Iterable[tuple[str, tuple]], desc: st
         client.run(init_worker, fn.__module__)
         t0 = time.perf_counter()
         if resources:  # tasks whose resources no connected worker has would wait forever: say so
-            have = [w.get("resources", {}) for w in client.scheduler_info().get("workers", {}).values()]
+            try:
+                info = client.scheduler_info(n_workers=-1)  # newer distributed lists only 5 by default
+            except TypeError:
+                info = client.scheduler_info()
+            have = [w.get("resources", {}) for w in info.get("workers", {}).values()]
             if have and not any(all(r.get(k, 0) >= v for k, v in resources.items()) for r in have):
                 raise TaskError(f"{desc}: the tasks need worker resources {resources}, but no worker has them "
                                 f"(workers declare {have[:3]}): start the workers with --resources, or unset "

@@ -21,7 +21,7 @@ import yaml
 DEFAULTS_PATH = Path(os.environ.get("LIFT3D_DEFAULTS", Path(__file__).resolve().parent.parent / "stages.yaml"))
 STAGES = ("frames", "teacher", "points", "pretrain", "finetune", "distill2d")
 # keys whose value is a free-form mapping (not checked key by key)
-FREE_FORM = {"sweeps", "cluster.jobqueue", "cluster.worker_resources"}
+FREE_FORM = {"sweeps", "cluster.jobqueue"}
 DATASET_COMMON = {"name": str, "kind": str, "root": (str, type(None)), "frame_skip": int,
                   "split": str, "image_size": (list, type(None))}
 SPLITS = ("train", "val", "all")
@@ -191,10 +191,14 @@ def load(config: str | Path | None = None, overrides: list[str] | tuple = ()) ->
     for item in overrides:
         apply_override(cfg, item)
     validate(cfg, base)
+    from pipeline.readers import reader_class
+
     for entry in cfg["datasets"]:
         entry.setdefault("frame_skip", 25 if entry["kind"] in ("scannet", "synthetic") else 1)
         entry.setdefault("split", "all")
         entry.setdefault("root", None)
+        for key, val in reader_class(entry["kind"]).defaults.items():  # part of the stores' identity
+            entry.setdefault(key, val)
     return cfg
 
 

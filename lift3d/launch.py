@@ -32,23 +32,26 @@ def tuned_env(environ) -> dict | None:
     return {**environ, **missing} if missing else None
 
 
-def tune_script() -> None:
-    """For a script (the benchmarks): re-execute it with the settings when they are missing,
-    so that it measures what the ``lift3d`` command runs with."""
-    env = tuned_env(os.environ)
-    if env is not None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-def entry(module: str = "lift3d.cli") -> None:
-    """Re-execute as ``python -m MODULE ARGS`` with the settings when they are missing, else run
-    the command line (``MODULE``'s ``__main__`` calls this again, which then finds them set)."""
+def reexec_tuned() -> None:
+    """Re-execute this process with the settings when they are missing: exactly the command
+    line it was started with (``sys.orig_argv``: interpreter flags such as torchrun's ``-u``,
+    ``-m lift3d.cli`` or the console script, and the arguments), same process id. The new
+    process finds the settings set and carries on. A failed exec leaves glibc's defaults."""
     env = tuned_env(os.environ)
     if env is not None:
         try:
-            os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+            os.execve(sys.executable, list(sys.orig_argv), env)
         except OSError:  # cannot re-execute (unusual): run with glibc's defaults
             pass
+
+
+# the benchmarks call this first, so they measure what the lift3d command runs with
+tune_script = reexec_tuned
+
+
+def entry() -> None:
+    """The console script (and ``python -m lift3d.cli``): the malloc settings, then the CLI."""
+    reexec_tuned()
     from lift3d.cli import main
 
     sys.exit(main(prog_name="lift3d"))

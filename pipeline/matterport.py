@@ -79,6 +79,7 @@ def parse_conf(path: Path) -> list[Scan]:
 class Reader(BaseReader):
     kind = "matterport"
     extra_keys = {"cy_origin": str}
+    defaults = {"cy_origin": "bottom"}
 
     def __init__(self, entry: dict, workdir: Path):
         super().__init__(entry, workdir)

@@ -51,6 +51,9 @@ class BaseReader:
     kind: str = ""
     #: extra keys a dataset entry of this kind may carry, with their expected types
     extra_keys: dict[str, type | tuple] = {}
+    #: values the configuration fills in for extra keys an entry leaves out, so that a changed
+    #: default changes the stores' identity (and they are rebuilt) instead of passing unseen
+    defaults: dict = {}
 
     def __init__(self, entry: dict, workdir: Path):
         self.entry = entry

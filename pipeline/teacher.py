@@ -364,13 +364,13 @@ def fitted_pca(tcfg: dict, teacher, rgb, writer: GroupWriter) -> dict | None:
     if path.exists():
         try:
             p = P.load(path)
-            if str(p.get("weights_sha256")) == teacher.weights_sha256:
+            if str(p.get("weights_sha256")) == str(teacher.weights_sha256):
                 return p
         except (OSError, ValueError, KeyError) as exc:  # unreadable: fitted again
             log.info("teacher: %s unreadable (%s); fitting again", path, exc)
     t0 = time.perf_counter()
     p = P.fit_teacher(teacher, rgb, int(channels), int(tcfg.get("pca_fit_frames", 256)), int(tcfg["batch_size"]))
-    p["weights_sha256"] = np.array(teacher.weights_sha256)
+    p["weights_sha256"] = np.array(str(teacher.weights_sha256))
     with writing(path, "write the fitted projection"):
         P.save(path, p)
     log.info("teacher: fitted a %d -> %d channel projection on %d frames (%d vectors) in %.1f s; it keeps "
@@ -454,7 +454,7 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
     k = min(k_req, label_shape[0])
     part_attrs = {"weights_sha256": teacher.weights_sha256, "flip_pass": flip, "top_k": k}
     writer.prepare_parts()
-    pca = fitted_pca(tcfg, teacher, rgb, writer)
+    pca = fitted_pca(tcfg, teacher, rgb, writer) if n_frames else None  # nothing to fit on an empty dataset
     if pca is not None:
         from pipeline.feature_pca import sha256 as pca_sha256
 
@@ -550,6 +550,7 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
             "reconstruct": "f = pca/mean[:, None, None] + einsum('kc,khw->chw', pca/components, features[i])",
         }
         extra = {"pca/mean": pca["mean"], "pca/components": pca["components"]}
+        attrs["channels"] = int(feat_shape[0])  # what `features` holds; the teacher's own in channels_in
     tmpl = templates(feat_shape, label_shape, k, flip)
     writer.commit([name for name, _, _ in shards], attrs=attrs,
                   chunks={name: (1,) + tuple(tail) for name, (tail, _) in tmpl.items()}, extra=extra)

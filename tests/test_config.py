@@ -38,6 +38,20 @@ def test_lists_replace_and_dataset_defaults(tmp_path):
     assert cfg["datasets"][0]["split"] == "all"
 
 
+def test_reader_defaults_enter_the_identity(tmp_path):
+    """A reader's default for an unset key (Matterport's cy_origin) is filled into the entry, so
+    the frames group's identity changes with it and an explicit setting hashes the same."""
+    f = tmp_path / "m.yaml"
+    f.write_text(yaml.safe_dump({"datasets": [{"name": "m", "kind": "matterport", "root": "/data/mp"}]}))
+    implicit = C.load(f)
+    assert implicit["datasets"][0]["cy_origin"] == "bottom"
+    explicit = C.load(f, ["datasets.0.cy_origin=bottom"])
+    top = C.load(f, ["datasets.0.cy_origin=top"])
+    sha = [S.groups(c, "frames")[0].config_sha256 for c in (implicit, explicit, top)]
+    assert sha[0] == sha[1] != sha[2]
+    assert "cy_origin" not in C.load(None)["datasets"][0]  # kinds without defaults are unchanged
+
+
 def test_overrides_parse_yaml_and_index_lists():
     cfg = C.load(None, ["points.voxel_size=0.1", "datasets.0.frame_skip=10", "teacher.input_size=[64, 96]",
                         "cluster.scheduler=tcp://h:8786"])

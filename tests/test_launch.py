@@ -16,23 +16,24 @@ def test_tuned_env_adds_only_what_is_missing_and_respects_opt_out():
 
 
 def test_console_entry_reexecutes_once_with_the_settings(tmp_path):
-    """The process re-executes itself (same pid, same arguments) with the variables set; a
-    module standing in for lift3d.cli reports what it sees."""
-    (tmp_path / "probe_cli.py").write_text(
+    """The process re-executes itself exactly once (same pid, same command line) with the
+    variables set, then runs the command; LIFT3D_MALLOC=default runs it without re-executing."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
         "import os, sys\n"
-        "print('after', os.getpid(), os.environ.get('MALLOC_MMAP_THRESHOLD_'),\n"
-        "      os.environ.get('MALLOC_TRIM_THRESHOLD_'), sys.argv[1:], flush=True)\n")
-    starter = ("import os, sys; from lift3d import launch; print('before', os.getpid(), flush=True); "
-               "sys.argv = ['lift3d', 'run', 'frames']; launch.entry('probe_cli')")
+        "print('probe', os.getpid(), os.environ.get('MALLOC_MMAP_THRESHOLD_'),\n"
+        "      os.environ.get('MALLOC_TRIM_THRESHOLD_'), sys.argv[1:], flush=True)\n"
+        "from lift3d import launch\n"
+        "launch.entry()\n")
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV and k != "LIFT3D_MALLOC"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-c", starter], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path)
+    res = subprocess.run([sys.executable, "-u", str(probe), "--help"], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stderr
-    before, after = res.stdout.splitlines()
-    pid = before.split()[1]
-    assert after == f"after {pid} {256 << 20} {1 << 30} ['run', 'frames']"
-    env["LIFT3D_MALLOC"] = "default"  # opt-out: no re-exec, the command line runs as it is
-    res = subprocess.run([sys.executable, "-c", starter.replace("'run', 'frames'", "'--help'")], env=env,
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert res.returncode == 0 and "Usage: lift3d" in res.stdout, res.stderr
+    probes = [line.split(" ", 2) for line in res.stdout.splitlines() if line.startswith("probe ")]
+    assert len(probes) == 2 and probes[0][1] == probes[1][1]                  # once, same process id
+    assert probes[0][2] == "None None ['--help']"
+    assert probes[1][2] == f"{256 << 20} {1 << 30} ['--help']"
+    assert "Usage: lift3d" in res.stdout
+    env["LIFT3D_MALLOC"] = "default"
+    res = subprocess.run([sys.executable, str(probe), "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.count("probe ") == 1 and "Usage: lift3d" in res.stdout, res.stderr

@@ -380,6 +380,7 @@ def test_pca_channel_reduction_against_numpy_svd(tmp_path, reference):
     assert red["unexplained_variance"] == pytest.approx(resid / ((x - mu) ** 2).sum(), rel=1e-3)
     assert red["explained_variance_fit"] == pytest.approx(1 - red["unexplained_variance"], abs=1e-4)
     assert g.attrs["features_shape"] == [8, 2, 3] and row["feature_bytes_per_frame"] == 8 * 2 * 3 * 2
+    assert g.attrs["channels"] == 8
     # rebuilding from the stored arrays as the attribute says gives the map back up to the residual
     rebuilt = g["pca/mean"][...][None, :, None, None] + np.einsum("kc,nkhw->nchw", w, g["features"][...])
     err = ((rebuilt - feats_ref) ** 2).sum() / (feats_ref ** 2).sum()
@@ -448,19 +449,32 @@ def test_gpu_path_agrees_with_the_float32_cpu_reference(tmp_path, reference):
 
 def test_cluster_workers_resolve_the_device_and_take_the_gpu_resource(tmp_path):
     """On a scheduler the workers resolve teacher.device themselves (auto -> cpu here) and each
-    shard takes one unit of cluster.gpu_resource; without workers that declare it, a clear error."""
-    from dask.distributed import LocalCluster
+    shard takes one unit of cluster.gpu_resource: a worker without it runs none of them. Without
+    any worker that declares it, a clear error instead of tasks that wait forever."""
+    import copy
+
+    from dask.distributed import Client, LocalCluster
 
     from lift3d.cluster import TaskError
 
-    want = None
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
                       dashboard_address=None) as lc:
+        lc.new_spec = copy.deepcopy(lc.new_spec)
+        lc.new_spec["options"].pop("resources", None)  # a second worker with no GPU
+        lc.scale(2)
+        with Client(lc) as c:
+            c.wait_for_workers(2)
+        with_gpu = [w for w in lc.workers.values() if w.state.total_resources.get("GPU")]
+        without = [w for w in lc.workers.values() if not w.state.total_resources.get("GPU")]
+        assert len(with_gpu) == len(without) == 1
+        before = {id(w): w.state.executed_count for w in lc.workers.values()}
         cfg = make_cfg(tmp_path / "gpu", device="auto")
         cfg["cluster"].update({"scheduler": lc.scheduler_address, "gpu_resource": "GPU"})
         write_frames(cfg)
         (row,) = TS.run(cfg)
         assert row["processed"] == 6 and tgroup(cfg).attrs["device"] == "cpu"
+        assert without[0].state.executed_count == before[id(without[0])]      # no shard ran there
+        assert with_gpu[0].state.executed_count - before[id(with_gpu[0])] == 3  # 3 shards of 2 frames
         want = arrays(tgroup(cfg))
         cfg2 = make_cfg(tmp_path / "none", device="auto")
         cfg2["cluster"].update({"scheduler": lc.scheduler_address, "gpu_resource": "TPU"})
