@@ -482,7 +482,8 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     fh = open(d / "metrics.csv", "a", newline="")
     writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
     step = start
-    bar = progress_bar(end - start, f"finetune/{meta['init']}", "step", mininterval=1.0)
+    label = f"pretrain-{cfg['pretrain']['method']}" if meta["init"] == "pretrain" else meta["init"]
+    bar = progress_bar(end - start, f"finetune/{label}", "step", mininterval=1.0)  # two runs may share a log
     try:
         for step in range(start, end):
             lr = lr_at(f, step)
