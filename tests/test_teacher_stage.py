@@ -394,6 +394,20 @@ def test_pca_channels_must_be_fewer_than_the_teachers(tmp_path):
         TS.run(cfg)
 
 
+def stop_after_first_shard(cfg, monkeypatch) -> None:
+    """Run the stage as a run stopped after writing its first shard's part would leave it."""
+    real = TS.process_shards
+
+    def first_shard_only(teacher, rgb, shards, *a, **k):
+        real(teacher, rgb, shards[:1], *a, **k)
+        raise RuntimeError("stopped after one shard")
+
+    monkeypatch.setattr(TS, "process_shards", first_shard_only)
+    with pytest.raises(RuntimeError, match="stopped"):
+        TS.run(cfg)
+    monkeypatch.setattr(TS, "process_shards", real)
+
+
 def test_pca_resume_reuses_the_fitted_projection(tmp_path, monkeypatch):
     """A run stopped after its first shard keeps its fitted projection beside the parts; the
     re-run does not fit again and gives the store of one clean run."""
@@ -406,16 +420,7 @@ def test_pca_resume_reuses_the_fitted_projection(tmp_path, monkeypatch):
 
     cfg = make_cfg(tmp_path / "resumed", pca_channels=4, pca_fit_frames=4)
     write_frames(cfg)
-    real = TS.process_shards
-
-    def first_shard_only(teacher, rgb, shards, *a, **k):
-        real(teacher, rgb, shards[:1], *a, **k)
-        raise RuntimeError("stopped after one shard")
-
-    monkeypatch.setattr(TS, "process_shards", first_shard_only)
-    with pytest.raises(RuntimeError, match="stopped"):
-        TS.run(cfg)
-    monkeypatch.setattr(TS, "process_shards", real)
+    stop_after_first_shard(cfg, monkeypatch)
     monkeypatch.setattr(feature_pca, "fit_teacher", lambda *a, **k: pytest.fail("fitted twice"))
     TS.run(cfg)
     got = arrays(tgroup(cfg))
@@ -491,16 +496,7 @@ def test_cluster_workers_resolve_the_device_and_take_the_gpu_resource(tmp_path):
 def test_shards_from_different_devices_are_never_committed_together(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path)
     write_frames(cfg)
-    real = TS.process_shards
-
-    def first_shard_only(teacher, rgb, shards, *a, **k):
-        real(teacher, rgb, shards[:1], *a, **k)
-        raise RuntimeError("stopped after one shard")
-
-    monkeypatch.setattr(TS, "process_shards", first_shard_only)
-    with pytest.raises(RuntimeError, match="stopped"):
-        TS.run(cfg)
-    monkeypatch.setattr(TS, "process_shards", real)
+    stop_after_first_shard(cfg, monkeypatch)
     g = S.groups(cfg, "teacher")[0]
     w = GroupWriter(C.workdir(cfg), "teacher", g.path, g.config, upstream_lineage=g.upstream.lineage_sha256)
     zarr.open_group(str(w.part_path("shard-000000")), mode="a").attrs["device"] = "cuda"  # as a GPU worker would
