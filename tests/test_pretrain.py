@@ -232,3 +232,24 @@ def test_resume_after_kill_matches_straight_run_and_status(wd):
     m2 = (P.run_dir(killed) / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[:2] for r in m1] == [r.split(",")[:2] for r in m2]
     assert P.run(straight)[0]["status"] == "up to date"          # a re-run is a no-op
+
+
+def test_run_status_of_a_run_folder(tmp_path):
+    """The run-folder verdict pretrain, finetune and distill2d share, case by case."""
+    import json
+
+    from train.pretrain import run_status
+
+    d = tmp_path / "run"
+    assert run_status(d, "r", []) == ("missing", ["r has not been run"], None)
+    d.mkdir()
+    assert run_status(d, "r", ["x"])[:2] == ("out of date", ["x", "r has not been run"])
+    (d / "run.json").write_text(json.dumps({"complete": False, "step": 7}))
+    assert run_status(d, "r", [])[:2] == ("out of date", ["r is incomplete (step 7)"])
+    (d / "run.json").write_text(json.dumps({"complete": False, "step": 3, "phase": "baseline"}))
+    assert run_status(d, "r", [])[:2] == ("out of date", ["r is incomplete (baseline step 3)"])
+    (d / "run.json").write_text(json.dumps({"complete": True, "upstream": {"a": 1}}))
+    assert run_status(d, "r", [], ({"a": 2}, "was made from other inputs"))[:2] == \
+        ("out of date", ["r was made from other inputs"])
+    assert run_status(d, "r", ["y"], ({"a": 1}, "-"))[:2] == ("out of date", ["y"])
+    assert run_status(d, "r", [], ({"a": 1}, "-")) == ("done", [], {"complete": True, "upstream": {"a": 1}})

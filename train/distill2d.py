@@ -53,7 +53,7 @@ from pipeline.eval_teacher import confusion, default_labels, scores, to_grid
 from pipeline.reader_common import read_split
 from pipeline.readers import Frame, make_reader
 from pipeline.scannet_labels import IGNORE_INDEX, nyu40_to_scannet20, read_labelled_mesh
-from train.pretrain import _read_json, _save_json, _torch_save, _write_atomic
+from train.pretrain import _read_json, _save_json, _torch_save, _write_atomic, run_status
 from train.pretrain import _write_metrics as _write_csv
 from train.distill2d_net import Discriminators, Seg2D, gan_losses, masked_l2, sample_pixels, set_requires_grad
 
@@ -607,15 +607,10 @@ def status(cfg: dict) -> tuple[str, list[str]]:
         attrs = group_state(wd, "frames", g.path)
         if attrs is None or not attrs.get("complete") or attrs.get("lineage_sha256") != g.lineage_sha256:
             reasons.append(f"frames.zarr/{g.path} is missing or out of date: run 'lift3d run frames'")
-    info = _read_json(d / "run.json")
-    if info is None:
-        return ("missing" if not d.exists() else "out of date"), reasons + [f"{where} has not been run"]
-    if not info.get("complete"):
-        return "out of date", reasons + [f"{where} is incomplete ({info.get('phase', '?')} step {info.get('step', '?')})"]
-    if info.get("upstream") != upstream(cfg, ck):
-        return "out of date", reasons + [f"{where} was made from another 3D checkpoint or other frames"]
-    if reasons:
-        return "out of date", reasons
+    state, why, _ = run_status(d, where, reasons,
+                               (upstream(cfg, ck), "was made from another 3D checkpoint or other frames"))
+    if state != "done":
+        return state, why
     ev = _read_json(d / "eval.json") or {}
     return "done", [f"{where} complete: 2D mIoU baseline {_pct(ev, 'baseline')}, distilled {_pct(ev, 'distilled')}"]
 

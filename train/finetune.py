@@ -50,7 +50,7 @@ from train.metrics import confusion_matrix, format_table, segmentation_scores
 from train.models import MODELS, build_model
 from train.pretrain import (RESUME, _metrics_rows, _read_json, _rng_state, _save_json, _set_rng_state,
                             _torch_save, _write_atomic, _write_metrics, lr_at, make_optimizer, plot_loss,
-                            resolve_device)
+                            resolve_device, run_status)
 from train.scenes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, LabelledDataset, read_la_file, read_lr_file
 
 log = logging.getLogger("lift3d")
@@ -150,13 +150,9 @@ def status(cfg: dict) -> tuple[str, list[str]]:
             reasons.append(f"the pretrain run to start from is {st}: run 'lift3d run pretrain'")
     d = run_dir(cfg)
     where = f"runs/finetune/{d.name}"
-    info = _read_json(d / "run.json")
-    if info is None:
-        return ("missing" if not d.exists() else "out of date"), reasons + [f"{where} has not been run"]
-    if not info.get("complete"):
-        return "out of date", reasons + [f"{where} is incomplete (step {info.get('step', '?')})"]
-    if reasons:
-        return "out of date", reasons
+    state, why, info = run_status(d, where, reasons)
+    if state != "done":
+        return state, why
     ev = info.get("eval") or {}
     return "done", [f"{where} complete: val mIoU {_pct(ev.get('miou'))}, mAcc {_pct(ev.get('macc'))}"]
 

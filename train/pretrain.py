@@ -109,16 +109,28 @@ def status(cfg: dict) -> tuple[str, list[str]]:
             reasons.append(f"{key} is missing or incomplete: run 'lift3d run {store}'")
         elif attrs.get("lineage_sha256") != lin:
             reasons.append(f"{key} is out of date: run 'lift3d run {store}'")
+    state, why, info = run_status(d, where, reasons,
+                                  (upstream_lineages(cfg), "was trained on other caches (upstream changed)"))
+    return (state, why) if state != "done" else ("done", [f"{where} complete ({info.get('steps')} steps)"])
+
+
+def run_status(d: Path, where: str, reasons: list[str],
+               upstream: tuple | None = None) -> tuple[str, list[str], dict | None]:
+    """The state of run folder ``d`` (shown as ``where``) from its ``run.json``, shared by the
+    trainer's stages: ``missing`` (never run), ``out of date`` (incomplete; made from other
+    inputs than ``upstream`` = (the expected ``run.json`` "upstream", why not); or anything in
+    ``reasons``), else ``done`` with no reasons. Returns (state, reasons, the run.json or None)."""
     info = _read_json(d / "run.json")
     if info is None:
-        return ("missing" if not d.exists() else "out of date"), reasons + [f"{where} has not been run"]
+        return ("missing" if not d.exists() else "out of date"), reasons + [f"{where} has not been run"], None
     if not info.get("complete"):
-        return "out of date", reasons + [f"{where} is incomplete (step {info.get('step', '?')})"]
-    if info.get("upstream") != upstream_lineages(cfg):
-        return "out of date", reasons + [f"{where} was trained on other caches (upstream changed)"]
+        phase = f"{info['phase']} " if info.get("phase") else ""
+        return "out of date", reasons + [f"{where} is incomplete ({phase}step {info.get('step', '?')})"], info
+    if upstream is not None and info.get("upstream") != upstream[0]:
+        return "out of date", reasons + [f"{where} {upstream[1]}"], info
     if reasons:
-        return "out of date", reasons
-    return "done", [f"{where} complete ({info.get('steps')} steps)"]
+        return "out of date", reasons, info
+    return "done", [], info
 
 
 def _read_json(path: Path):
@@ -639,5 +651,5 @@ def run(cfg: dict) -> list[dict]:
             tdist.destroy_process_group()
 
 
-__all__ = ["run", "status", "train", "run_dir", "identity", "compute_loss", "Learner", "build",
+__all__ = ["run", "status", "run_status", "train", "run_dir", "identity", "compute_loss", "Learner", "build",
            "lr_at", "upstream_lineages", "init_distributed", "dist_info", "wrap_ddp", "LossModule"]
