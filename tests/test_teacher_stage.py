@@ -504,3 +504,11 @@ def test_shards_from_different_devices_are_never_committed_together(tmp_path, mo
                                          r"cuda: shard-000000\); set teacher.device to cpu or cuda explicitly"):
         TS.run(cfg)
     assert not (C.workdir(cfg) / "teacher.zarr" / g.path / "zarr.json").exists()
+
+
+def test_pca_fit_sample_too_small_is_a_clear_error(tmp_path):
+    cfg = make_cfg(tmp_path, pca_channels=8, pca_fit_frames=1)   # 1 frame = 6 vectors < 9
+    write_frames(cfg)
+    with pytest.raises(ValueError, match=r"pca_channels 8: the fit sample has only 6 feature vectors; "
+                                         r"raise teacher.pca_fit_frames"):
+        TS.run(cfg)
