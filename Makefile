@@ -1,6 +1,6 @@
 # lift3d: one target per stage, plus install / demo / test / bench / verdict.
 #   make demo                  set up, then run the whole pipeline on the embedded synthetic data
-#   make test                  set up, then run the test suite
+#   make test                  set up, then lint (ruff) and run the test suite
 #   make verdict               the demo's verdict with 3 fine-tuning seeds (mean and spread)
 #   make frames CONFIG=my.yaml ARGS="-o cluster.n_workers=8"   one stage, your config
 VENV    ?= .venv
@@ -29,6 +29,7 @@ demo: install
 	bash scripts/demo.sh $(CFG)
 
 test: install
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: install

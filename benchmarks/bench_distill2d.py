@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_distill2d.py [--sizes 120x160 240x320 480x640
         --channels-3d 96 256 --head-dim 128 --frames 20 --threads 1]
 
-Both networks are the ones ``lift3d run distill2d`` trains (train.distill2d_net.Seg2D on the embedded
+Both networks are the ones ``lift3d run distill2d`` trains (lift3d.nets.pspnet.Seg2D on the embedded
 EfficientNet-Lite0, output stride 16, pyramid pooling): the baseline, and the distilled network
 with the simulated-3D branch (DN1 to C3D channels, DN2, the wider classifier). C3D is the frozen 3D
 network's decoder width: 96 for Res16UNet34C (the paper preset) and Res16UNet14A (the demo), 256 for Res16UNet14.
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lift3d.backbones import efficientnet_lite0
-from train.distill2d_net import Seg2D
+from lift3d.nets.backbones2d import efficientnet_lite0
+from lift3d.nets.pspnet import Seg2D
 
 
 def per_frame_ms(net, h: int, w: int, frames: int) -> float:
@@ -50,8 +50,9 @@ def main() -> None:
     torch.manual_seed(0)
     nets = {"baseline": Seg2D(efficientnet_lite0(), 20, a.head_dim).eval()}
     for c in a.channels_3d:
-        nets[f"distilled C3D={c}"] = Seg2D(efficientnet_lite0(), 20, a.head_dim, c, torch.zeros(c),
-                                           torch.ones(c)).eval()
+        nets[f"distilled C3D={c}"] = Seg2D(
+            efficientnet_lite0(), 20, a.head_dim, c, torch.zeros(c), torch.ones(c)
+        ).eval()
     params = {k: sum(p.numel() for p in n.parameters()) for k, n in nets.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch 1, median of {a.frames} frames")
     print(f"{'network':<22} {'params':>10}  " + "  ".join(f"{s + ' ms':>14}" for s in a.sizes))

@@ -5,8 +5,8 @@ backward, SGD) and of evaluating one scene, and the process's peak memory.
         --model Res16UNet14A --steps 4 --threads 1]
 
 Generates synthetic rooms (the demo's generator and mesh spacing) in a temporary folder and
-reads them with the real labelled-scene reader, then times ``train.finetune.step_loss`` with
-one scene per step (the demo's batch) and ``train.finetune.evaluate`` per scene. The first step
+reads them with the real labelled-scene reader, then times ``lift3d.train.finetune.step_loss`` with
+one scene per step (the demo's batch) and ``lift3d.train.finetune.evaluate`` per scene. The first step
 is a warm-up and is not counted. Peak memory is the process's maximum resident set size.
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lift3d import config as C
-from train import finetune as FT
-from train.scenes import IGNORE_INDEX, LabelledDataset
+from lift3d.core import config as C
+from lift3d.train import finetune as FT
+from lift3d.train.scenes import IGNORE_INDEX, LabelledDataset
 
 
 def main() -> None:
@@ -66,8 +66,9 @@ def main() -> None:
         FT.evaluate(net, ds, names, a.voxel, dev)
         ev = (time.perf_counter() - t) / len(names)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"{a.model} at {a.voxel} m, {a.threads} thread(s): {verts:,.0f} vertices and {voxels:,.0f} voxels "
-              f"per scene")
+        print(
+            f"{a.model} at {a.voxel} m, {a.threads} thread(s): {verts:,.0f} vertices and {voxels:,.0f} voxels per scene"
+        )
         print(f"train step (1 scene): {np.mean(times):.2f} s (min {np.min(times):.2f}, {len(times)} steps)")
         print(f"evaluate: {ev:.2f} s per scene")
         print(f"peak memory (max RSS): {peak:,.0f} MB")

@@ -21,11 +21,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lift3d import config as C
+from lift3d.core import config as C
 from lift3d.launch import tune_script
-from pipeline import frames as F
-from pipeline import synthetic as S
-from pipeline.scannet import Reader
+from lift3d.pipeline import frames as F
+from lift3d.pipeline.readers.scannet import Reader
+from lift3d.pipeline.synthetic.render import render
+from lift3d.pipeline.synthetic.rooms import make_room, trajectory
+from lift3d.pipeline.synthetic.write import write_sens
 
 CH, CW, DH, DW = 968, 1296, 480, 640
 
@@ -35,13 +37,13 @@ def make_dataset(root: Path, scenes: int, frames: int, seed: int = 0) -> None:
     for s in range(scenes):
         poses, attempt = None, 0
         while poses is None:  # a room whose camera path keeps clear of tall furniture
-            boxes = S.make_room(np.random.default_rng(seed + 100 * s + attempt))
-            poses = S.trajectory(boxes, frames, rng)
+            boxes = make_room(np.random.default_rng(seed + 100 * s + attempt))
+            poses = trajectory(boxes, frames, rng)
             attempt += 1
         k_small = np.array([0.8 * 320, 0.8 * 320, 159.5, 119.5])
         views = []
         for pose in poses[:: max(1, frames // 8)]:  # 8 distinct renders, reused along the sequence
-            rgb, z, _ = S.render(boxes, pose, k_small, (240, 320), s)
+            rgb, z, _ = render(boxes, pose, k_small, (240, 320), s)
             rgb = cv2.resize(rgb, (CW, CH), interpolation=cv2.INTER_LINEAR)
             grain = rng.integers(-12, 13, size=rgb.shape, dtype=np.int16)  # sensor-like detail for JPEG
             rgb = np.clip(rgb.astype(np.int16) + grain, 0, 255).astype(np.uint8)
@@ -53,7 +55,7 @@ def make_dataset(root: Path, scenes: int, frames: int, seed: int = 0) -> None:
         k_color = np.array([1170.2, 1170.2, 647.75, 483.75])
         name = f"scene{s:04d}_00"
         (root / "scans" / name).mkdir(parents=True, exist_ok=True)
-        S.write_sens(root / "scans" / name / f"{name}.sens", k_color, k_depth, (CH, CW), (DH, DW), seq)
+        write_sens(root / "scans" / name / f"{name}.sens", k_color, k_depth, (CH, CW), (DH, DW), seq)
 
 
 def floor_ms(root: Path) -> tuple[float, float]:
@@ -70,7 +72,7 @@ def floor_ms(root: Path) -> tuple[float, float]:
         for _ in range(n):
             cs, ds = struct.unpack_from("<QQ", data, pos + 64 + 16)
             pos += 96
-            blobs.append((data[pos:pos + cs], data[pos + cs:pos + cs + ds]))
+            blobs.append((data[pos : pos + cs], data[pos + cs : pos + cs + ds]))
             pos += cs + ds
     t0 = time.perf_counter()
     for cb, db in blobs:
@@ -89,10 +91,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenes", type=int, default=8)
     ap.add_argument("--frames", type=int, default=66, help="kept frames per scene (ScanNet: ~66 at frame_skip 25)")
-    ap.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="configuration override, e.g. -o frames.zstd_level=3")
-    ap.add_argument("--tmp", default=None, help="folder for the data and stores (default: the system's "
-                    "temporary folder); /dev/shm takes the disk out of the measurement")
+    ap.add_argument(
+        "-o",
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="configuration override, e.g. -o frames.zstd_level=3",
+    )
+    ap.add_argument(
+        "--tmp",
+        default=None,
+        help="folder for the data and stores (default: the system's "
+        "temporary folder); /dev/shm takes the disk out of the measurement",
+    )
     a = ap.parse_args()
     cv2.setNumThreads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-frames-", dir=a.tmp))
@@ -109,7 +121,9 @@ def main() -> None:
         print(f"frames: {total} ScanNet-sized frames (colour {CW}x{CH} JPEG, depth {DW}x{DH} zlib), 1 thread per core")
         print(f"floor, full-size JPEG + zlib decode : {full:6.2f} ms/frame  ({1e3 / full:6.1f} frames/s/core)")
         print(f"      reduced-size JPEG + zlib      : {reduced:6.2f} ms/frame  ({1e3 / reduced:6.1f} frames/s/core)")
-        print(f"ScanNet reader (decode, resize, RGB): {reader_ms:6.2f} ms/frame  ({1e3 / reader_ms:6.1f} frames/s/core)")
+        print(
+            f"ScanNet reader (decode, resize, RGB): {reader_ms:6.2f} ms/frame  ({1e3 / reader_ms:6.1f} frames/s/core)"
+        )
         rates, work_rates = {}, {}
         for workers in (0, 1, 2):
             wd = tmp / f"w{workers}"
@@ -123,18 +137,24 @@ def main() -> None:
             work = row["tasks_wall_seconds"] + row["commit_seconds"]
             work_rates[workers] = total / work
             label = "in-process" if workers == 0 else f"dask, {workers} worker{'s' if workers > 1 else ''}"
-            print(f"stage ({label:16s}): {total / work:6.1f} frames/s (tasks {row['tasks_wall_seconds']:5.2f} s "
-                  f"+ commit {row['commit_seconds']:4.2f} s = {row['commit_seconds'] * 1e3 / total:4.2f} ms/frame); "
-                  f"per core inside tasks {total / row['task_seconds']:6.1f} frames/s/core; cluster start "
-                  f"{row['cluster_seconds']:4.2f} s; wall {wall:5.2f} s ({total / wall:6.1f} frames/s)")
-        print(f"scaling 1 -> 2 dask workers: {work_rates[2] / work_rates[1]:.2f}x (tasks + commit, warm workers); "
-              f"{rates[2] / rates[1]:.2f}x of the whole wall time incl. cluster start")
+            print(
+                f"stage ({label:16s}): {total / work:6.1f} frames/s (tasks {row['tasks_wall_seconds']:5.2f} s "
+                f"+ commit {row['commit_seconds']:4.2f} s = {row['commit_seconds'] * 1e3 / total:4.2f} ms/frame); "
+                f"per core inside tasks {total / row['task_seconds']:6.1f} frames/s/core; cluster start "
+                f"{row['cluster_seconds']:4.2f} s; wall {wall:5.2f} s ({total / wall:6.1f} frames/s)"
+            )
+        print(
+            f"scaling 1 -> 2 dask workers: {work_rates[2] / work_rates[1]:.2f}x (tasks + commit, warm workers); "
+            f"{rates[2] / rates[1]:.2f}x of the whole wall time incl. cluster start"
+        )
         group = tmp / "w0" / "frames.zarr" / "bench"
         nbytes = sum(p.stat().st_size for p in group.rglob("*") if p.is_file())
         per = nbytes / total
         print(f"store: {per / 1e6:.3f} MB/frame at 640x480 -> {per * 100_000 / 1e9:.1f} GB for ScanNet's ~100k frames")
-        print(f"in-process end to end vs the full-size decode floor: {(1e3 / rates[0]) / full:.2f}x the floor's time "
-              f"({rates[0]:.1f} frames/s/core)")
+        print(
+            f"in-process end to end vs the full-size decode floor: {(1e3 / rates[0]) / full:.2f}x the floor's time "
+            f"({rates[0]:.1f} frames/s/core)"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline.points import lift, lift_frame, voxel_keys  # noqa: E402
+from lift3d.pipeline.points import lift, lift_frame, voxel_keys  # noqa: E402
 
 H, W = 480, 640
-K = (577.9, 577.9, 319.5, 239.5)   # ScanNet's depth intrinsics at 640x480
-SCANNET_FRAMES = 100_000            # ~2.5M raw frames / frame_skip 25
+K = (577.9, 577.9, 319.5, 239.5)  # ScanNet's depth intrinsics at 640x480
+SCANNET_FRAMES = 100_000  # ~2.5M raw frames / frame_skip 25
 VOXEL, DMIN, DMAX = 0.025, 0.1, 6.0
 
 
@@ -28,10 +28,10 @@ def room_depth(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     fx, fy, cx, cy = K
     c, r = np.meshgrid(np.arange(W), np.arange(H))
     d = np.stack([(c - cx) / fx, (r - cy) / fy, np.ones((H, W))], -1).reshape(-1, 3)
-    yaw = np.deg2rad(25.0)                       # room rotated about the vertical (camera y)
+    yaw = np.deg2rad(25.0)  # room rotated about the vertical (camera y)
     rot = np.array([[np.cos(yaw), 0, np.sin(yaw)], [0, 1, 0], [-np.sin(yaw), 0, np.cos(yaw)]])
-    dr = d @ rot.T                               # rays in the room's frame (camera at origin)
-    lo, hi = np.array([-2.0, -1.3, -1.5]), np.array([2.8, 1.4, 4.5])   # y down: floor at +1.4
+    dr = d @ rot.T  # rays in the room's frame (camera at origin)
+    lo, hi = np.array([-2.0, -1.3, -1.5]), np.array([2.8, 1.4, 4.5])  # y down: floor at +1.4
     with np.errstate(divide="ignore", invalid="ignore"):
         t_room = np.min(np.where(dr > 0, (hi - 0) / dr, np.where(dr < 0, (lo - 0) / dr, np.inf)), axis=1)
         blo, bhi = np.array([-0.6, 0.65, 1.6]), np.array([0.9, 1.4, 2.6])  # a table-like box
@@ -64,8 +64,10 @@ def main(reps: int = 60) -> None:
     packed_pos = (packed << 19) | np.arange(packed.size)
     rows = [
         ("lift_frame, method=sort", timeit(lambda: lift_frame(rgb, depth, intr, 0, VOXEL, DMIN, DMAX), reps)),
-        ("lift_frame, method=unique", timeit(lambda: lift_frame(rgb, depth, intr, 0, VOXEL, DMIN, DMAX,
-                                                                method="unique"), reps)),
+        (
+            "lift_frame, method=unique",
+            timeit(lambda: lift_frame(rgb, depth, intr, 0, VOXEL, DMIN, DMAX, method="unique"), reps),
+        ),
         ("  lift only (range mask + rays)", timeit(lambda: lift(depth, intr, 0, DMIN, DMAX), reps)),
         ("floor: np.sort(voxel keys)", timeit(lambda: np.sort(packed), reps)),
         ("floor: np.sort(keys|position)", timeit(lambda: np.sort(packed_pos), reps)),
@@ -73,18 +75,22 @@ def main(reps: int = 60) -> None:
     ]
     fp = lift_frame(rgb, depth, intr, 0, VOXEL, DMIN, DMAX)
     n_pts = len(fp.coords)
-    bpf = n_pts * (12 + 3 + 8) + 8       # coords f32x3 + colors u8x3 + pixel i32x2, + one offset
+    bpf = n_pts * (12 + 3 + 8) + 8  # coords f32x3 + colors u8x3 + pixel i32x2, + one offset
     t_frame = rows[0][1]
     print(f"points stage, one {W}x{H} pinhole frame, voxel {VOXEL} m, depth [{DMIN}, {DMAX}] m, 1 thread")
     print(f"{'what':34s} {'ms/frame':>9s} {'frames/s':>9s}")
     for name, t in rows:
         print(f"{name:34s} {t * 1e3:9.2f} {1 / t:9.1f}")
-    print(f"valid pixels {len(idx)} of {H * W}; after voxelisation {n_pts} points/frame "
-          f"({fp.voxel_merged} merged, {fp.no_depth} no depth, {fp.out_of_range} out of range)")
+    print(
+        f"valid pixels {len(idx)} of {H * W}; after voxelisation {n_pts} points/frame "
+        f"({fp.voxel_merged} merged, {fp.no_depth} no depth, {fp.out_of_range} out of range)"
+    )
     print(f"bytes/frame (uncompressed) {bpf / 1e3:.1f} kB; lift_frame = {t_frame / rows[3][1]:.1f}x the sort floor")
-    print(f"ScanNet ~{SCANNET_FRAMES // 1000}k frames: {SCANNET_FRAMES * n_pts / 1e9:.2f} G points, "
-          f"{SCANNET_FRAMES * bpf / 1e9:.1f} GB uncompressed, "
-          f"{SCANNET_FRAMES * t_frame / 3600:.2f} core-hours for the per-frame work (reads not included)")
+    print(
+        f"ScanNet ~{SCANNET_FRAMES // 1000}k frames: {SCANNET_FRAMES * n_pts / 1e9:.2f} G points, "
+        f"{SCANNET_FRAMES * bpf / 1e9:.1f} GB uncompressed, "
+        f"{SCANNET_FRAMES * t_frame / 3600:.2f} core-hours for the per-frame work (reads not included)"
+    )
 
 
 if __name__ == "__main__":

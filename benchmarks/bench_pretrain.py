@@ -6,9 +6,9 @@
 Builds tiny stores with the real stages (synthetic scenes -> frames -> teacher -> points) in a
 temporary workdir, then prints:
 
-- loader: frames/s the streaming loader (train.data) delivers, collated and augmented,
+- loader: frames/s the streaming loader (lift3d.train.data) delivers, collated and augmented,
   against the trainer's consumption (steps/s x batch size);
-- cached step: one ppnce step fed by the loader (as train.pretrain runs it) against the same
+- cached step: one ppnce step fed by the loader (as lift3d.train.pretrain runs it) against the same
   3D step on batches already in memory: overhead % = cached / in-memory - 1;
 - online: the in-memory step plus running the embedded 2D teacher (EfficientNet-Lite0) on the
   batch's frames, i.e. what training without the cache would cost: ratio online / cached.
@@ -39,23 +39,41 @@ import numpy as np
 import torch
 import zarr
 
-from lift3d import config as C
-from lift3d import stages as S
-from train import data as D
-from train import pretrain as P
+from lift3d.core import config as C
+from lift3d.core import graph as S
+from lift3d.train import data as D
+from lift3d.train import pretrain as P
 
 
 def make_cfg(wd: Path, a) -> dict:
     cfg = C.defaults()
     cfg["workdir"] = str(wd)
-    cfg["datasets"] = [{"name": "bench", "kind": "synthetic", "root": None, "frame_skip": 1, "split": "all",
-                        "scenes": a.scenes, "seed": 0, "frames_per_scene": a.frames,
-                        "depth_size": list(a.depth)}]
+    cfg["datasets"] = [
+        {
+            "name": "bench",
+            "kind": "synthetic",
+            "root": None,
+            "frame_skip": 1,
+            "split": "all",
+            "scenes": a.scenes,
+            "seed": 0,
+            "frames_per_scene": a.frames,
+            "depth_size": list(a.depth),
+        }
+    ]
     cfg["cluster"]["n_workers"] = 0
     cfg["teacher"].update({"device": "cpu", "batch_size": 8})
-    cfg["pretrain"].update({"model": a.model, "voxel_size": a.voxel, "batch_size": a.batch,
-                            "device": getattr(a, "device", "cpu"),
-                            "method": "ppnce", "num_workers": a.workers, "iterations": a.steps})
+    cfg["pretrain"].update(
+        {
+            "model": a.model,
+            "voxel_size": a.voxel,
+            "batch_size": a.batch,
+            "device": getattr(a, "device", "cpu"),
+            "method": "ppnce",
+            "num_workers": a.workers,
+            "iterations": a.steps,
+        }
+    )
     return cfg
 
 
@@ -83,10 +101,14 @@ def mem_child(a) -> None:
         loss.backward()
         opt.step()
         voxels.append(int(b["coords"].shape[0]))
-    out = {"batch": a.batch, "voxels": float(np.mean(voxels)), "rss_before_mb": before,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    out = {
+        "batch": a.batch,
+        "voxels": float(np.mean(voxels)),
+        "rss_before_mb": before,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
     if dev.type == "cuda":
-        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     print("MEM " + json.dumps(out))
 
 
@@ -94,22 +116,47 @@ def peak_memory(a, wd: Path) -> None:
     """A fresh process per batch size (see the module docstring); a table of the results."""
     rows = []
     for bs in a.batches:
-        cmd = [sys.executable, __file__, "--mem-child", "--keep", str(wd), "--batch", str(bs),
-               "--scenes", str(a.scenes), "--frames", str(a.frames), "--depth", *map(str, a.depth),
-               "--steps", str(a.steps), "--voxel", str(a.voxel), "--model", a.model,
-               "--workers", str(a.workers), "--device", a.device]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mem-child",
+            "--keep",
+            str(wd),
+            "--batch",
+            str(bs),
+            "--scenes",
+            str(a.scenes),
+            "--frames",
+            str(a.frames),
+            "--depth",
+            *map(str, a.depth),
+            "--steps",
+            str(a.steps),
+            "--voxel",
+            str(a.voxel),
+            "--model",
+            a.model,
+            "--workers",
+            str(a.workers),
+            "--device",
+            a.device,
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("MEM ")]
         if res.returncode != 0 or not line:
             raise SystemExit(f"batch {bs} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
         rows.append(json.loads(line[-1][4:]))
-    print(f"model {a.model}, voxel {a.voxel} m, {a.depth[0]}x{a.depth[1]} frames, {a.steps} ppnce steps per "
-          f"batch size, one process each, device {a.device}, threads {torch.get_num_threads()}")
+    print(
+        f"model {a.model}, voxel {a.voxel} m, {a.depth[0]}x{a.depth[1]} frames, {a.steps} ppnce steps per "
+        f"batch size, one process each, device {a.device}, threads {torch.get_num_threads()}"
+    )
     cuda = any("cuda_peak_mb" in r for r in rows)
     print("batch  voxels/batch  RSS before MiB  peak RSS MiB  peak - before MiB" + ("  CUDA peak MiB" if cuda else ""))
     for r in rows:
-        print(f"{r['batch']:5d}  {r['voxels']:12.0f}  {r['rss_before_mb']:14.0f}  {r['peak_rss_mb']:12.0f}  "
-              f"{r['peak_rss_mb'] - r['rss_before_mb']:17.0f}" + (f"  {r.get('cuda_peak_mb', 0):13.0f}" if cuda else ""))
+        print(
+            f"{r['batch']:5d}  {r['voxels']:12.0f}  {r['rss_before_mb']:14.0f}  {r['peak_rss_mb']:12.0f}  "
+            f"{r['peak_rss_mb'] - r['rss_before_mb']:17.0f}" + (f"  {r.get('cuda_peak_mb', 0):13.0f}" if cuda else "")
+        )
 
 
 def main() -> None:
@@ -123,8 +170,13 @@ def main() -> None:
     ap.add_argument("--model", default="Res16UNet14")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--keep", default=None, help="workdir to keep (default: a temporary one)")
-    ap.add_argument("--batches", type=int, nargs="+", default=None,
-                    help="measure peak memory per batch size instead (a fresh process each)")
+    ap.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="measure peak memory per batch size instead (a fresh process each)",
+    )
     ap.add_argument("--device", default="cpu", help="trainer device for --batches (cpu | cuda)")
     ap.add_argument("--mem-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -138,8 +190,9 @@ def main() -> None:
         t = time.perf_counter()
         for stage in ("frames", "teacher", "points"):
             S.run_stage(cfg, stage)
-        print(f"stores built in {time.perf_counter() - t:.1f} s ({a.scenes * a.frames} frames "
-              f"{a.depth[0]}x{a.depth[1]})")
+        print(
+            f"stores built in {time.perf_counter() - t:.1f} s ({a.scenes * a.frames} frames {a.depth[0]}x{a.depth[1]})"
+        )
         if a.batches:
             return peak_memory(a, wd)
         p, dev = cfg["pretrain"], torch.device("cpu")
@@ -180,7 +233,7 @@ def main() -> None:
             step(b, int(b["step"]))
         cached_s = (time.perf_counter() - t) / a.steps
         # online: in-memory step + the 2D teacher on the batch's frames
-        from pipeline.teachers import build_teacher
+        from lift3d.pipeline.teachers.registry import build_teacher
 
         teacher = build_teacher(cfg["teacher"]["name"], device="cpu")
         rgb = zarr.open_group(src[0].frames_path, mode="r")["rgb"]
@@ -193,11 +246,15 @@ def main() -> None:
         online_s = (time.perf_counter() - t) / len(mem)
 
         consume = a.batch / cached_s
-        print(f"model {a.model}, voxel {a.voxel} m, batch {a.batch}, {voxels:.0f} voxels/batch, "
-              f"threads {torch.get_num_threads()}, loader workers {a.workers}")
+        print(
+            f"model {a.model}, voxel {a.voxel} m, batch {a.batch}, {voxels:.0f} voxels/batch, "
+            f"threads {torch.get_num_threads()}, loader workers {a.workers}"
+        )
         print(f"loader            {loader_fps:8.1f} frames/s")
-        print(f"trainer consumes  {consume:8.2f} frames/s ({1 / cached_s:.3f} steps/s x {a.batch}); "
-              f"loader headroom x{loader_fps / consume:.1f}")
+        print(
+            f"trainer consumes  {consume:8.2f} frames/s ({1 / cached_s:.3f} steps/s x {a.batch}); "
+            f"loader headroom x{loader_fps / consume:.1f}"
+        )
         print(f"step in memory    {mem_s * 1e3:8.1f} ms")
         print(f"step from cache   {cached_s * 1e3:8.1f} ms  overhead {100 * (cached_s / mem_s - 1):+.1f} %")
         print(f"step online 2D    {online_s * 1e3:8.1f} ms  ratio online / cached x{online_s / cached_s:.2f}")

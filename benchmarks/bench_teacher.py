@@ -5,7 +5,7 @@
 Builds a frames group of natural images (scikit-image's photos, resized to the stored size)
 in a temporary workdir, then measures in frames per second:
 
-- stage: ``pipeline.teacher`` in-process (reader thread -> model -> writer thread, shards as
+- stage: ``lift3d.pipeline.teacher`` in-process (reader thread -> model -> writer thread, shards as
   parts), timed from the first batch read to the last part marked done; the commit (which
   hard-links the parts' chunks into the final group) is timed separately;
 - (a) the bare model: ``teacher.forward`` on inputs already preprocessed in device memory,
@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lift3d import config as C
+from lift3d.core import config as C
+from lift3d.core import graph as S
+from lift3d.core.store import GroupWriter, PartWriter
 from lift3d.launch import tune_script
-from lift3d import stages as S
-from lift3d.store import GroupWriter, PartWriter
-from pipeline import teacher as TS
-from pipeline.frames import templates as frame_templates
+from lift3d.pipeline import teacher as TS
+from lift3d.pipeline.frames import templates as frame_templates
 
 SCANNET_FRAMES = 100_000
 
@@ -65,10 +65,15 @@ def write_frames(cfg: dict, rgb: np.ndarray) -> None:
     w.prepare_parts()
     n, h, wd = rgb.shape[:3]
     pw = PartWriter(w.part_path("scene0000_00"))
-    pw.append(rgb=rgb, depth=np.full((n, h, wd), 1500, np.uint16),
-              intrinsics=np.tile(np.array([wd, wd, wd / 2 - 0.5, h / 2 - 0.5], np.float32), (n, 1)),
-              pose=np.tile(np.eye(4, dtype=np.float32), (n, 1, 1)), projection=np.zeros(n, np.uint8),
-              scene_index=np.zeros(n, np.int32), source_index=np.arange(n, dtype=np.int32))
+    pw.append(
+        rgb=rgb,
+        depth=np.full((n, h, wd), 1500, np.uint16),
+        intrinsics=np.tile(np.array([wd, wd, wd / 2 - 0.5, h / 2 - 0.5], np.float32), (n, 1)),
+        pose=np.tile(np.eye(4, dtype=np.float32), (n, 1, 1)),
+        projection=np.zeros(n, np.uint8),
+        scene_index=np.zeros(n, np.int32),
+        source_index=np.arange(n, dtype=np.int32),
+    )
     pw.finish(frame_templates(h, wd), scene="scene0000_00")
     w.commit(["scene0000_00"], attrs={"stored_size": [h, wd], "kind": "synthetic"})
 
@@ -89,7 +94,7 @@ def bare_model(teacher, rgb: np.ndarray, batch: int, repeats: int) -> float:
     """(a) frames/s of teacher.forward on preprocessed inputs already on the device."""
     device = teacher.device
     cuda = device.type == "cuda"
-    xs = [teacher.preprocess(rgb[i:i + batch]) for i in range(0, len(rgb), batch)]
+    xs = [teacher.preprocess(rgb[i : i + batch]) for i in range(0, len(rgb), batch)]
     if cuda:
         xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -152,11 +157,20 @@ def main() -> None:
     ap.add_argument("--teacher", default="efficientnet_lite0")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--repeats", type=int, default=1, help="passes over the frames per bare-model timing")
-    ap.add_argument("--trials", type=int, default=3, help="stage runs and bare-model timings, alternated; "
-                    "the best of each is reported")
-    ap.add_argument("--cpus", type=int, nargs="+", default=None,
-                    help="pin the process (stage threads and bare model alike) to these CPUs; cores of a "
-                         "virtual machine can differ in speed (1.5x on this project's machine)")
+    ap.add_argument(
+        "--trials",
+        type=int,
+        default=3,
+        help="stage runs and bare-model timings, alternated; the best of each is reported",
+    )
+    ap.add_argument(
+        "--cpus",
+        type=int,
+        nargs="+",
+        default=None,
+        help="pin the process (stage threads and bare model alike) to these CPUs; cores of a "
+        "virtual machine can differ in speed (1.5x on this project's machine)",
+    )
     args = ap.parse_args()
     if args.cpus:
         import os
@@ -167,16 +181,22 @@ def main() -> None:
     try:
         cfg = C.defaults()
         cfg["workdir"] = str(tmp)
-        cfg["datasets"] = [{"name": "bench", "kind": "synthetic", "root": None, "frame_skip": 1,
-                            "split": "all"}]
+        cfg["datasets"] = [{"name": "bench", "kind": "synthetic", "root": None, "frame_skip": 1, "split": "all"}]
         cfg["cluster"]["n_workers"] = 0
-        cfg["teacher"].update({"name": args.teacher, "weights": args.weights, "input_size": list(args.input),
-                               "batch_size": args.batch, "device": args.device})
+        cfg["teacher"].update(
+            {
+                "name": args.teacher,
+                "weights": args.weights,
+                "input_size": list(args.input),
+                "batch_size": args.batch,
+                "device": args.device,
+            }
+        )
         device = TS.resolve_device(args.device)
         rgb = natural_frames(args.frames, *args.size)
         write_frames(cfg, rgb)
         teacher = TS.get_teacher(cfg["teacher"], device)  # built (and cached) before any timing
-        teacher.forward(teacher.preprocess(rgb[:1]))       # warm-up
+        teacher.forward(teacher.preprocess(rgb[:1]))  # warm-up
 
         # the stage: timed inside process_shards (read -> model -> write parts), commit apart.
         # Trials alternate the stage and the bare model, so a slow spell of a shared machine
@@ -204,8 +224,10 @@ def main() -> None:
             a_trial = bare_model(teacher, rgb, args.batch, args.repeats)
             a = max(a, a_trial)
             ratios.append(row["images_per_s"] / a_trial)
-            print(f"  trial: stage {row['images_per_s']:.1f} frames/s ({busy:.2f} CPU cores busy); "
-                  f"bare model {a_trial:.1f} frames/s")
+            print(
+                f"  trial: stage {row['images_per_s']:.1f} frames/s ({busy:.2f} CPU cores busy); "
+                f"bare model {a_trial:.1f} frames/s"
+            )
         GroupWriter.commit = orig_commit
         grp_path = tmp / "teacher.zarr" / S.groups(cfg, "teacher")[0].path
         import zarr
@@ -218,46 +240,59 @@ def main() -> None:
         b = max(zarr_final, parts)  # the faster way to store them bounds the stage
         roof = min(a, b)
         n = args.frames
-        print(f"device: {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}, "
-              f"torch threads {torch.get_num_threads()}); teacher {args.teacher} at {args.input[0]}x{args.input[1]}, "
-              f"stored {args.size[0]}x{args.size[1]}, batch {args.batch}, {n} frames, shards of {args.shard}")
+        print(
+            f"device: {device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}, "
+            f"torch threads {torch.get_num_threads()}); teacher {args.teacher} at {args.input[0]}x{args.input[1]}, "
+            f"stored {args.size[0]}x{args.size[1]}, batch {args.batch}, {n} frames, shards of {args.shard}"
+        )
         print(f"  stage (read -> model -> parts)  {stage:8.1f} frames/s")
         print(f"  (a) bare model, inputs on device {a:8.1f} frames/s")
-        print(f"  (b) writing the outputs alone    {b:8.1f} frames/s (parts + commit as the stage writes them: "
-              f"{parts:.1f}; through zarr into the final layout: {zarr_final:.1f})")
-        print(f"  roofline min(a, b)               {roof:8.1f} frames/s  -> stage / roofline = "
-              f"{100 * stage / roof:.0f} % (best against best); per trial, against the bare model timed "
-              f"right after it: median {100 * float(np.median(ratios)):.0f} % "
-              f"({', '.join(f'{100 * r:.0f}' for r in ratios)})")
-        print(f"  commit (parts -> final group)    {n / commit:8.1f} frames/s; whole run incl. "
-              f"commit {n / total:.1f} frames/s ({100 * n / total / roof:.0f} % of roofline)")
+        print(
+            f"  (b) writing the outputs alone    {b:8.1f} frames/s (parts + commit as the stage writes them: "
+            f"{parts:.1f}; through zarr into the final layout: {zarr_final:.1f})"
+        )
+        print(
+            f"  roofline min(a, b)               {roof:8.1f} frames/s  -> stage / roofline = "
+            f"{100 * stage / roof:.0f} % (best against best); per trial, against the bare model timed "
+            f"right after it: median {100 * float(np.median(ratios)):.0f} % "
+            f"({', '.join(f'{100 * r:.0f}' for r in ratios)})"
+        )
+        print(
+            f"  commit (parts -> final group)    {n / commit:8.1f} frames/s; whole run incl. "
+            f"commit {n / total:.1f} frames/s ({100 * n / total / roof:.0f} % of roofline)"
+        )
 
         (c, h, w), (k, hs, ws) = grp.attrs["features_shape"], grp.attrs["soft_labels_shape"]
         fb, sb = c * h * w * 2, k * hs * ws * 4
         fd = du(grp_path / "features") / n
         sd = du(grp_path / "soft_labels") / n
-        print(f"bytes per frame: features {fb} raw ({c}x{h}x{w} float16), {fd:.0f} stored; soft labels "
-              f"{sb} raw (top-{k} x {hs}x{ws}, float16 + uint16), {sd:.0f} stored")
+        print(
+            f"bytes per frame: features {fb} raw ({c}x{h}x{w} float16), {fd:.0f} stored; soft labels "
+            f"{sb} raw (top-{k} x {hs}x{ws}, float16 + uint16), {sd:.0f} stored"
+        )
         lo = grp.attrs["topk_leftover_mass"]
         print(f"top-{k} leftover mass: mean {lo['mean']:.4f}, max {lo['max']:.4f}")
 
         gb = 1e9
         r50 = 2048 * 15 * 20 * 2
         lite = 320 * 15 * 20 * 2
-        print(f"projection to ScanNet (~{SCANNET_FRAMES:,} frames, 480x640 input, raw float16 before "
-              f"compression):")
+        print(f"projection to ScanNet (~{SCANNET_FRAMES:,} frames, 480x640 input, raw float16 before compression):")
         print(f"  ResNet-50 layer4 2048x15x20:        {r50:>10,} B/frame -> {r50 * SCANNET_FRAMES / gb:7.1f} GB")
         print(f"  EfficientNet-Lite0 320x15x20:       {lite:>10,} B/frame -> {lite * SCANNET_FRAMES / gb:7.1f} GB")
         for kk, stride in ((5, 4), (5, 32)):
             hh, ww = 480 // stride, 640 // stride
             s = kk * hh * ww * 4
-            print(f"  150-class soft labels top-{kk}, stride {stride:2d} ({hh}x{ww}): {s:>10,} B/frame -> "
-                  f"{s * SCANNET_FRAMES / gb:7.1f} GB")
+            print(
+                f"  150-class soft labels top-{kk}, stride {stride:2d} ({hh}x{ww}): {s:>10,} B/frame -> "
+                f"{s * SCANNET_FRAMES / gb:7.1f} GB"
+            )
         full = 150 * 120 * 160 * 2
         print(f"  (all 150 classes float16 at stride 4: {full:,} B/frame -> {full * SCANNET_FRAMES / gb:.0f} GB)")
         hours = SCANNET_FRAMES / stage / 3600
-        print(f"  at this run's stage rate: {hours:.1f} h for {SCANNET_FRAMES:,} frames at "
-              f"{args.input[0]}x{args.input[1]} on {device}")
+        print(
+            f"  at this run's stage rate: {hours:.1f} h for {SCANNET_FRAMES:,} frames at "
+            f"{args.input[0]}x{args.input[1]} on {device}"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

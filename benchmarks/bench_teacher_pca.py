@@ -25,16 +25,16 @@ import numpy as np
 import torch
 import zarr
 
-from lift3d import config as C
+from lift3d.core import config as C
+from lift3d.core import graph as S
 from lift3d.launch import tune_script
-from lift3d import stages as S
 
 SCANNET_FRAMES = 100_000
 
 
 def pretrain_loss(cfg: dict, seeds: list[int]) -> tuple[list[float], float]:
     """(per seed: the mean loss of the last 10 steps; seconds per run) of ppnce runs."""
-    from train.pretrain import run_dir
+    from lift3d.train.pretrain import run_dir
 
     out, t0 = [], time.perf_counter()
     for seed in seeds:
@@ -60,14 +60,23 @@ def main() -> None:
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench_pca_", dir=args.tmp))
     try:
+
         def cfg_for(name: str, channels: int | None) -> dict:
-            return C.load(None, [f"workdir={tmp / name}", "cluster.n_workers=0",
-                                 f"teacher.name={args.teacher}", f"teacher.input_size=[{args.input[0]}, {args.input[1]}]",
-                                 f"teacher.pca_channels={channels if channels else 'null'}",
-                                 f"teacher.pca_fit_frames={args.fit_frames}",
-                                 "pretrain.method=ppnce", f"pretrain.iterations={args.steps}",
-                                 "pretrain.checkpoint_every=1000"]
-                          + ([f"teacher.weights={args.weights}"] if args.weights else []))
+            return C.load(
+                None,
+                [
+                    f"workdir={tmp / name}",
+                    "cluster.n_workers=0",
+                    f"teacher.name={args.teacher}",
+                    f"teacher.input_size=[{args.input[0]}, {args.input[1]}]",
+                    f"teacher.pca_channels={channels if channels else 'null'}",
+                    f"teacher.pca_fit_frames={args.fit_frames}",
+                    "pretrain.method=ppnce",
+                    f"pretrain.iterations={args.steps}",
+                    "pretrain.checkpoint_every=1000",
+                ]
+                + ([f"teacher.weights={args.weights}"] if args.weights else []),
+            )
 
         exact = cfg_for("exact", None)
         for stage in ("frames", "teacher", "points"):
@@ -79,32 +88,61 @@ def main() -> None:
                 for store in ("frames.zarr", "points.zarr"):
                     shutil.copytree(tmp / "exact" / store, tmp / f"pca{channels}" / store)
                 S.run_stage(cfg, "teacher")
-            g = zarr.open_group(str(tmp / ("exact" if channels is None else f"pca{channels}") / "teacher.zarr"
-                                    / S.groups(cfg, "teacher")[0].path), mode="r")
+            g = zarr.open_group(
+                str(
+                    tmp
+                    / ("exact" if channels is None else f"pca{channels}")
+                    / "teacher.zarr"
+                    / S.groups(cfg, "teacher")[0].path
+                ),
+                mode="r",
+            )
             red = g.attrs.get("features_reduction") or {}
             loss, secs = pretrain_loss(cfg, args.seeds)
-            rows.append({"channels": g.attrs["features_shape"][0], "bytes": g.attrs["bytes_per_frame"]["features"],
-                         "stored": sum(f.stat().st_size for f in (Path(g.store.root) / g.path / "features").rglob("*")
-                                       if f.is_file()) / g["features"].shape[0],
-                         "rel": red.get("relative_error"), "unexpl": red.get("unexplained_variance"),
-                         "fit": red.get("explained_variance_fit"), "loss": loss, "secs": secs,
-                         "frames": g["features"].shape[0], "shape": g.attrs["features_shape"]})
+            rows.append(
+                {
+                    "channels": g.attrs["features_shape"][0],
+                    "bytes": g.attrs["bytes_per_frame"]["features"],
+                    "stored": sum(
+                        f.stat().st_size for f in (Path(g.store.root) / g.path / "features").rglob("*") if f.is_file()
+                    )
+                    / g["features"].shape[0],
+                    "rel": red.get("relative_error"),
+                    "unexpl": red.get("unexplained_variance"),
+                    "fit": red.get("explained_variance_fit"),
+                    "loss": loss,
+                    "secs": secs,
+                    "frames": g["features"].shape[0],
+                    "shape": g.attrs["features_shape"],
+                }
+            )
         c_in = rows[0]["channels"]
-        print(f"teacher {args.teacher} at {args.input[0]}x{args.input[1]}, features {rows[0]['shape']} per frame, "
-              f"{rows[0]['frames']} frames; projection fitted on {args.fit_frames} of them; ppnce {args.steps} steps, "
-              f"seeds {args.seeds}, 1 thread")
-        print(f"{'channels':>9} {'raw B/frame':>12} {'stored B/frame':>15} {'residual/energy':>16} "
-              f"{'unexplained var':>16} {'fit var kept':>13} {'ppnce loss, mean ± sd':>22} {'s/run':>6}  per seed")
+        print(
+            f"teacher {args.teacher} at {args.input[0]}x{args.input[1]}, features {rows[0]['shape']} per frame, "
+            f"{rows[0]['frames']} frames; projection fitted on {args.fit_frames} of them; ppnce {args.steps} steps, "
+            f"seeds {args.seeds}, 1 thread"
+        )
+        print(
+            f"{'channels':>9} {'raw B/frame':>12} {'stored B/frame':>15} {'residual/energy':>16} "
+            f"{'unexplained var':>16} {'fit var kept':>13} {'ppnce loss, mean ± sd':>22} {'s/run':>6}  per seed"
+        )
         for r in rows:
-            pct = (lambda v: "-" if v is None else f"{100 * v:.2f} %")
-            print(f"{r['channels']:>9} {r['bytes']:>12,} {r['stored']:>15,.0f} {pct(r['rel']):>16} "
-                  f"{pct(r['unexpl']):>16} {pct(r['fit']):>13} {np.mean(r['loss']):>13.3f} ± {np.std(r['loss']):5.3f} "
-                  f"{r['secs']:>6.0f}  {' '.join(f'{v:.3f}' for v in r['loss'])}")
+
+            def pct(v):
+                return "-" if v is None else f"{100 * v:.2f} %"
+
+            print(
+                f"{r['channels']:>9} {r['bytes']:>12,} {r['stored']:>15,.0f} {pct(r['rel']):>16} "
+                f"{pct(r['unexpl']):>16} {pct(r['fit']):>13} {np.mean(r['loss']):>13.3f} ± {np.std(r['loss']):5.3f} "
+                f"{r['secs']:>6.0f}  {' '.join(f'{v:.3f}' for v in r['loss'])}"
+            )
         print(f"ResNet-50 layer4 (2048 x 15 x 20 at 480x640) for ScanNet's ~{SCANNET_FRAMES:,} frames, raw float16:")
         for k in (2048, 768, 512, 256):
             b = k * 15 * 20 * 2
-            print(f"  {k:5d} channels ({2048 / k:4.1f}x fewer, as {c_in} -> {max(1, round(c_in * k / 2048))} here): "
-                  f"{b:>9,} B/frame -> {b * SCANNET_FRAMES / 1e9:6.1f} GB")
+            print(
+                f"  {k:5d} channels ({2048 / k:4.1f}x fewer, as {c_in} -> {max(1, round(c_in * k / 2048))} here): "
+                f"{b:>9,} B/frame -> {b * SCANNET_FRAMES / 1e9:6.1f} GB"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

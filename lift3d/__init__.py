@@ -1,0 +1,1 @@
+"""lift3d: pretrain sparse 3D networks from frozen 2D networks through RGB-D frames."""

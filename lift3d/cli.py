@@ -8,15 +8,27 @@ import time
 
 import click
 
-from lift3d import config as C
-from lift3d import stages as S
+from lift3d.core import config as C
+from lift3d.core import graph as S
+from lift3d.core.malloc import reexec_tuned
 
 log = logging.getLogger("lift3d")
 
-config_opt = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
-                          help="A YAML file that sets only what it changes from stages.yaml.")
-override_opt = click.option("-o", "--override", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                            help="Override one value (YAML syntax), e.g. -o points.voxel_size=0.05. Repeatable.")
+config_opt = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="A YAML file that sets only what it changes from stages.yaml.",
+)
+override_opt = click.option(
+    "-o",
+    "--override",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override one value (YAML syntax), e.g. -o points.voxel_size=0.05. Repeatable.",
+)
 
 
 def _load(config_path, overrides) -> dict:
@@ -53,15 +65,21 @@ def main(verbose: bool) -> None:
 
     Stages (stages.yaml): frames -> teacher, points -> pretrain -> finetune, distill2d.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if not verbose:  # dask's own chatter (its loggers set their own levels): warnings and up only
         quiet = ("distributed", "tornado", "asyncio")
         # When a write fails inside zarr's event loop (disk full), its sibling writes are abandoned and
         # asyncio reports them, with tracebacks, when they are garbage-collected: echoes of the error the
         # stage already reported in one line. Shown with -v.
-        abandoned = ("Future exception was never retrieved", "Task was destroyed but it is pending",
-                     "Task exception was never retrieved")
+        abandoned = (
+            "Future exception was never retrieved",
+            "Task was destroyed but it is pending",
+            "Task exception was never retrieved",
+        )
 
         def keep(record: logging.LogRecord) -> bool:
             if record.name == "asyncio" and str(record.msg).startswith(abandoned):
@@ -79,7 +97,7 @@ def main(verbose: bool) -> None:
 def run(stage, config_path, overrides):
     """Run STAGE (or `all`: every stage that is not done, in order)."""
     cfg = _load(config_path, overrides)
-    todo = [stage] if stage != "all" else [s for s in S.ORDER if S.available(s)]
+    todo = [stage] if stage != "all" else list(S.ORDER)
     for name in todo:
         if stage == "all":
             state, _ = S.stage_status(cfg, name)
@@ -89,8 +107,6 @@ def run(stage, config_path, overrides):
         t0 = time.perf_counter()
         try:
             rows = S.run_stage(cfg, name)
-        except NotImplementedError as exc:
-            raise click.ClickException(str(exc)) from None
         except Exception as exc:
             _fail(name, exc)
         _summary(name, rows, time.perf_counter() - t0)
@@ -106,9 +122,6 @@ def status(config_path, overrides):
     upstream_bad: set[str] = set()
     graph = cfg["graph"]
     for name in S.ORDER:
-        if not S.available(name):
-            click.echo(f"{name:10s} not built yet in this version")
-            continue
         state, why = S.stage_status(cfg, name)
         stale_up = [u for u in graph[name]["needs"] if u in upstream_bad]
         if state == "done" and stale_up:
@@ -126,7 +139,7 @@ def status(config_path, overrides):
 @click.option("--seed", default=0, show_default=True, type=int)
 def synth(out, scenes, seed):
     """Generate the procedural indoor dataset in ScanNet's raw format (.sens, labelled meshes)."""
-    from pipeline.synthetic import generate
+    from lift3d.pipeline.synthetic import generate
 
     generate(out, scenes=scenes, seed=seed)
     click.echo(f"wrote {scenes} scenes to {out}")
@@ -141,7 +154,7 @@ def synth(out, scenes, seed):
 @override_opt
 def show(dataset, frame, out_png, ply, config_path, overrides):
     """Write a PNG of frame FRAME of DATASET: RGB, depth and its points from a second viewpoint."""
-    from pipeline.show import show as show_frame
+    from lift3d.pipeline.show import show as show_frame
 
     cfg = _load(config_path, overrides)
     try:
@@ -155,11 +168,17 @@ def show(dataset, frame, out_png, ply, config_path, overrides):
 @click.argument("stage", type=click.Choice(["pretrain"]))
 @click.option("--name", default=None, help="A grid from the config's sweeps: section.")
 @config_opt
-@click.option("-o", "--override", "overrides", multiple=True, metavar="KEY.PATH=V1,V2",
-              help="A value list to sweep (comma-separated); repeat for a grid. Fixed values work too.")
+@click.option(
+    "-o",
+    "--override",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=V1,V2",
+    help="A value list to sweep (comma-separated); repeat for a grid. Fixed values work too.",
+)
 def sweep(stage, name, config_path, overrides):
     """Run STAGE for every combination of the swept values, against the same caches."""
-    from lift3d.sweep import SweepError, run_sweep
+    from lift3d.train.sweep import SweepError, run_sweep
 
     t0 = time.perf_counter()
     try:
@@ -175,7 +194,7 @@ def sweep(stage, name, config_path, overrides):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write the exported state dict.")
 def export_cmd(checkpoint, fmt, out):
     """Export a pretrained 3D network (run folder, model.pt or checkpoint.pt) for another code base."""
-    from train.export import ExportError, export
+    from lift3d.train.export import ExportError, export
 
     try:
         rep = export(checkpoint, out, fmt)
@@ -210,8 +229,8 @@ def eval_checkpoint_cmd(checkpoint, split, dataset, out_json, config_path, overr
     """Scores of a fine-tuned network (run folder or model.pt) on a labelled split."""
     import json
 
-    from train.finetune import eval_checkpoint
-    from train.metrics import format_table
+    from lift3d.core.metrics import format_table
+    from lift3d.train.finetune import eval_checkpoint
 
     cfg = _load(config_path, overrides)
     try:
@@ -231,7 +250,7 @@ def eval_checkpoint_cmd(checkpoint, split, dataset, out_json, config_path, overr
 @override_opt
 def eval_teacher_cmd(dataset, config_path, overrides):
     """The teacher's 2D pseudo-label mIoU against the dataset's ground-truth 2D labels."""
-    from pipeline.eval_teacher import eval_teacher
+    from lift3d.pipeline.teachers.evaluate import eval_teacher
 
     cfg = _load(config_path, overrides)
     try:
@@ -244,18 +263,33 @@ def eval_teacher_cmd(dataset, config_path, overrides):
 
 @main.command()
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated fine-tuning seeds.")
-@click.option("--la-points", default=20, show_default=True, type=int,
-              help="Labelled vertices per training scene (limited annotations); 0 = all labels.")
+@click.option(
+    "--la-points",
+    default=20,
+    show_default=True,
+    type=int,
+    help="Labelled vertices per training scene (limited annotations); 0 = all labels.",
+)
 @click.option("--methods", default="ppnce,soft_ce", show_default=True, help="Pretraining methods to compare.")
-@click.option("--distill2d/--no-distill2d", "distill", default=True, show_default=True,
-              help="Also run 3D-to-2D distillation from the first method's fine-tuned network (2D mIoU rows).")
-@click.option("--jobs", default=min(2, os.cpu_count() or 1), show_default=True, type=int,
-              help="Stage runs at once, one thread each (independent runs; results do not depend on it).")
+@click.option(
+    "--distill2d/--no-distill2d",
+    "distill",
+    default=True,
+    show_default=True,
+    help="Also run 3D-to-2D distillation from the first method's fine-tuned network (2D mIoU rows).",
+)
+@click.option(
+    "--jobs",
+    default=min(2, os.cpu_count() or 1),
+    show_default=True,
+    type=int,
+    help="Stage runs at once, one thread each (independent runs; results do not depend on it).",
+)
 @config_opt
 @override_opt
 def verdict(seeds, la_points, methods, distill, jobs, config_path, overrides):
     """Fine-tune from scratch and from each pretraining method; print mIoU / mAcc per method."""
-    from train.verdict import format_verdict, run_verdict
+    from lift3d.train.verdict import format_verdict, run_verdict
 
     cfg = _load(config_path, overrides)
     try:
@@ -263,8 +297,9 @@ def verdict(seeds, la_points, methods, distill, jobs, config_path, overrides):
     except ValueError:
         raise click.ClickException(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
     try:
-        res = run_verdict(cfg, seed_list, la_points or None, tuple(m.strip() for m in methods.split(",") if m.strip()),
-                          distill, jobs)
+        res = run_verdict(
+            cfg, seed_list, la_points or None, tuple(m.strip() for m in methods.split(",") if m.strip()), distill, jobs
+        )
     except Exception as exc:
         _fail("verdict", exc)
     click.echo("\n" + format_verdict(res))
@@ -274,7 +309,9 @@ def verdict(seeds, la_points, methods, distill, jobs, config_path, overrides):
 @main.command()
 @click.option("--dataset", default=None, help="Dataset name (default: finetune.dataset, else the first).")
 @click.option("--points", "points", multiple=True, type=int, help="LA file(s): labelled vertices per scene (repeat).")
-@click.option("--percent", "percent", multiple=True, type=float, help="LR file(s): percent of training scenes (repeat).")
+@click.option(
+    "--percent", "percent", multiple=True, type=float, help="LR file(s): percent of training scenes (repeat)."
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @config_opt
@@ -284,8 +321,8 @@ def limited(dataset, points, percent, seed, out, config_path, overrides):
     pointsN.pth (limited annotations) and scenes_P.txt (limited reconstructions)."""
     from pathlib import Path
 
-    from train.finetune import dataset_entry
-    from train.scenes import LabelledDataset, make_la_file, make_lr_file
+    from lift3d.train.finetune import dataset_entry
+    from lift3d.train.scenes import LabelledDataset, make_la_file, make_lr_file
 
     cfg = _load(config_path, overrides)
     if dataset:
@@ -301,7 +338,6 @@ def limited(dataset, points, percent, seed, out, config_path, overrides):
         _fail("limited", exc)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    from lift3d.launch import entry
-
-    entry()
+if __name__ == "__main__":  # pragma: no cover - ``python -m lift3d.cli`` (torchrun): as the console script
+    reexec_tuned()
+    main(prog_name="lift3d")

@@ -6,7 +6,7 @@ Per frame (vectorised NumPy, no Python loop over pixels):
    [``min_depth``, ``max_depth``] are dropped (both ends kept). The limits apply to the stored
    depth: z for pinhole frames, the distance along the ray for panoramas.
 2. back-projection into the OpenCV camera frame: pinhole ``p = d K^-1 [col, row, 1]``;
-   panorama (``projection == 1``) ``p = d * ray(row, col)`` with the mapping of DESIGN.md.
+   panorama (``projection == 1``) ``p = d * ray(row, col)`` with the mapping of docs/stores.md.
 3. voxel down-sampling: a point's voxel is ``floor(coords / voxel_size)`` (float64 on the
    float32 coordinates); each occupied voxel keeps one point, the one with the smallest pixel
    index (row-major), with its colour and its (row, col). Survivors are in row-major pixel order.
@@ -27,17 +27,18 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import zarr
 
-from lift3d.cluster import dask_client, run_tasks
-from lift3d.config import workdir as get_workdir
-from lift3d.stages import Group, groups
-from lift3d.store import GroupWriter, PartWriter, StoreError, open_group, stage_lock
+from lift3d.core.cluster import dask_client, run_tasks
+from lift3d.core.config import workdir as get_workdir
+from lift3d.core.graph import Group, groups
+from lift3d.core.store import GroupWriter, PartWriter, StoreError, open_group, stage_lock
 
 log = logging.getLogger("lift3d")
 
 PINHOLE, EQUIRECT = 0, 1
-CHUNK_POINTS = 1 << 16   # rows per chunk of coords/colors/pixel (part and final group)
-FLUSH_EVERY = 16         # frames read and buffered per block in a scene task
+CHUNK_POINTS = 1 << 16  # rows per chunk of coords/colors/pixel (part and final group)
+FLUSH_EVERY = 16  # frames read and buffered per block in a scene task
 RAGGED = ("coords", "colors", "pixel")
 COUNT_KEYS = ("pixels", "no_depth", "out_of_range", "voxel_merged", "points", "empty_frames")
 
@@ -46,18 +47,23 @@ COUNT_KEYS = ("pixels", "no_depth", "out_of_range", "voxel_merged", "points", "e
 class FramePoints:
     """One frame's points after down-sampling, and where the other pixels went."""
 
-    coords: np.ndarray      # float32 (P, 3), metres, OpenCV camera frame
-    colors: np.ndarray      # uint8 (P, 3)
-    pixel: np.ndarray       # int32 (P, 2), (row, col)
-    no_depth: int           # pixels with depth 0
-    out_of_range: int       # measured pixels outside [min_depth, max_depth]
-    voxel_merged: int       # in-range points removed by voxel down-sampling
+    coords: np.ndarray  # float32 (P, 3), metres, OpenCV camera frame
+    colors: np.ndarray  # uint8 (P, 3)
+    pixel: np.ndarray  # int32 (P, 2), (row, col)
+    no_depth: int  # pixels with depth 0
+    out_of_range: int  # measured pixels outside [min_depth, max_depth]
+    voxel_merged: int  # in-range points removed by voxel down-sampling
 
     def counts(self) -> dict:
         n = len(self.coords)
-        return {"pixels": self.no_depth + self.out_of_range + self.voxel_merged + n,
-                "no_depth": self.no_depth, "out_of_range": self.out_of_range,
-                "voxel_merged": self.voxel_merged, "points": n, "empty_frames": int(n == 0)}
+        return {
+            "pixels": self.no_depth + self.out_of_range + self.voxel_merged + n,
+            "no_depth": self.no_depth,
+            "out_of_range": self.out_of_range,
+            "voxel_merged": self.voxel_merged,
+            "points": n,
+            "empty_frames": int(n == 0),
+        }
 
 
 # -- geometry -------------------------------------------------------------------------------
@@ -68,12 +74,12 @@ def _rays(h: int, w: int, projection: int, fx: float, fy: float, cx: float, cy: 
         y = ((np.arange(h, dtype=np.float64) - cy) / fy)[:, None].repeat(w, 1)
         rays = np.stack([x, y, np.ones((h, w))])
     elif projection == EQUIRECT:
-        u = np.pi - 2 * np.pi * (np.arange(w, dtype=np.float64) + 0.5) / w        # longitude per column
-        v = np.pi * (np.arange(h, dtype=np.float64) + 0.5) / h - np.pi / 2        # latitude per row
+        u = np.pi - 2 * np.pi * (np.arange(w, dtype=np.float64) + 0.5) / w  # longitude per column
+        v = np.pi * (np.arange(h, dtype=np.float64) + 0.5) / h - np.pi / 2  # latitude per row
         cu, su = np.cos(u)[None, :], np.sin(u)[None, :]
         cv, sv = np.cos(v)[:, None], np.sin(v)[:, None]
-        x, y, z = cv * cu, cv * su, -sv * np.ones((1, w))                          # seed paper's frame
-        rays = np.stack([-y, -z, x])                                              # -> OpenCV camera frame
+        x, y, z = cv * cu, cv * su, -sv * np.ones((1, w))  # seed paper's frame
+        rays = np.stack([-y, -z, x])  # -> OpenCV camera frame
     else:
         raise ValueError(f"projection {projection}: expected 0 (pinhole) or 1 (equirectangular)")
     out = np.ascontiguousarray(rays.reshape(3, h * w).astype(np.float32))
@@ -192,8 +198,16 @@ def _downsample_lexsort(k) -> np.ndarray:
     return np.sort(order[first]).astype(np.int64)
 
 
-def lift_frame(rgb: np.ndarray, depth: np.ndarray, intrinsics, projection: int, voxel_size: float,
-               min_depth: float, max_depth: float, method: str = "sort") -> FramePoints:
+def lift_frame(
+    rgb: np.ndarray,
+    depth: np.ndarray,
+    intrinsics,
+    projection: int,
+    voxel_size: float,
+    min_depth: float,
+    max_depth: float,
+    method: str = "sort",
+) -> FramePoints:
     """One frame -> its down-sampled points with colour and source pixel."""
     h, w = depth.shape
     if rgb.shape != (h, w, 3):
@@ -202,10 +216,14 @@ def lift_frame(rgb: np.ndarray, depth: np.ndarray, intrinsics, projection: int, 
     keep = _first_per_voxel(coords, voxel_size, method)
     pix = idx[keep]
     row, col = np.divmod(pix, w)
-    return FramePoints(coords=np.ascontiguousarray(coords[:, keep].T),
-                       colors=np.ascontiguousarray(rgb.reshape(-1, 3)[pix]),
-                       pixel=np.stack([row, col], axis=1).astype(np.int32),
-                       no_depth=no_depth, out_of_range=out_of_range, voxel_merged=len(idx) - len(keep))
+    return FramePoints(
+        coords=np.ascontiguousarray(coords[:, keep].T),
+        colors=np.ascontiguousarray(rgb.reshape(-1, 3)[pix]),
+        pixel=np.stack([row, col], axis=1).astype(np.int32),
+        no_depth=no_depth,
+        out_of_range=out_of_range,
+        voxel_merged=len(idx) - len(keep),
+    )
 
 
 def frame_points(group, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,23 +231,29 @@ def frame_points(group, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     off = group["offsets"]
     if not 0 <= i < off.shape[0] - 1:
         raise IndexError(f"frame {i} out of range: the points group has {off.shape[0] - 1} frames")
-    a, b = (int(x) for x in off[i:i + 2])
+    a, b = (int(x) for x in off[i : i + 2])
     return group["coords"][a:b], group["colors"][a:b], group["pixel"][a:b]
 
 
 # -- stage ----------------------------------------------------------------------------------
 def templates() -> dict:
-    return {"coords": ((3,), np.float32), "colors": ((3,), np.uint8), "pixel": ((2,), np.int32),
-            "counts": ((), np.int64)}
+    return {
+        "coords": ((3,), np.float32),
+        "colors": ((3,), np.uint8),
+        "pixel": ((2,), np.int32),
+        "counts": ((), np.int64),
+    }
 
 
-def scene_task(workdir: str, dataset: str, frames_lineage: str, start: int, stop: int, scene: str,
-               part: str, settings: dict) -> dict:
+def scene_task(
+    workdir: str, dataset: str, frames_lineage: str, start: int, stop: int, scene: str, part: str, settings: dict
+) -> dict:
     """Lift frames ``start:stop`` of the frames group (one scene) into a part. Runs on a worker."""
     t0 = time.perf_counter()
     frames = open_group(Path(workdir), "frames", dataset, expect_lineage=frames_lineage)
-    pw = PartWriter(Path(part), chunk_rows={"coords": CHUNK_POINTS, "colors": CHUNK_POINTS,
-                                            "pixel": CHUNK_POINTS, "counts": 4096})
+    pw = PartWriter(
+        Path(part), chunk_rows={"coords": CHUNK_POINTS, "colors": CHUNK_POINTS, "pixel": CHUNK_POINTS, "counts": 4096}
+    )
     totals: Counter = Counter({k: 0 for k in COUNT_KEYS})
     for a in range(start, stop, FLUSH_EVERY):
         b = min(stop, a + FLUSH_EVERY)
@@ -237,13 +261,20 @@ def scene_task(workdir: str, dataset: str, frames_lineage: str, start: int, stop
         intr, proj, src = frames["intrinsics"][a:b], frames["projection"][a:b], frames["source_index"][a:b]
         for j in range(b - a):
             try:
-                fp = lift_frame(rgb[j], depth[j], intr[j], int(proj[j]), settings["voxel_size"],
-                                settings["min_depth"], settings["max_depth"])
+                fp = lift_frame(
+                    rgb[j],
+                    depth[j],
+                    intr[j],
+                    int(proj[j]),
+                    settings["voxel_size"],
+                    settings["min_depth"],
+                    settings["max_depth"],
+                )
             except ValueError as exc:
-                raise ValueError(f"frames.zarr/{dataset} row {a + j} (scene {scene}, source frame "
-                                 f"{int(src[j])}): {exc}") from None
-            pw.append(coords=fp.coords, colors=fp.colors, pixel=fp.pixel,
-                      counts=np.array([len(fp.coords)], np.int64))
+                raise ValueError(
+                    f"frames.zarr/{dataset} row {a + j} (scene {scene}, source frame {int(src[j])}): {exc}"
+                ) from None
+            pw.append(coords=fp.coords, colors=fp.colors, pixel=fp.pixel, counts=np.array([len(fp.coords)], np.int64))
             totals.update(fp.counts())
         pw.flush()
     pw.finish(templates(), scene=scene, point_counts=dict(totals))
@@ -260,21 +291,32 @@ def run(cfg: dict) -> list[dict]:
 
 def _row(name: str, status: str, n_frames: int, counts: dict, seconds: float) -> dict:
     pts = int(counts.get("points", 0))
-    return {"dataset": name, "status": status, "frames": n_frames, "points": pts,
-            "points_per_frame": round(pts / n_frames, 1) if n_frames else 0.0,
-            "no_depth": int(counts.get("no_depth", 0)), "out_of_range": int(counts.get("out_of_range", 0)),
-            "voxel_merged": int(counts.get("voxel_merged", 0)),
-            "empty_frames": int(counts.get("empty_frames", 0)), "seconds": seconds}
+    return {
+        "dataset": name,
+        "status": status,
+        "frames": n_frames,
+        "points": pts,
+        "points_per_frame": round(pts / n_frames, 1) if n_frames else 0.0,
+        "no_depth": int(counts.get("no_depth", 0)),
+        "out_of_range": int(counts.get("out_of_range", 0)),
+        "voxel_merged": int(counts.get("voxel_merged", 0)),
+        "empty_frames": int(counts.get("empty_frames", 0)),
+        "seconds": seconds,
+    }
 
 
 def run_dataset(cfg: dict, g: Group, wd: Path) -> dict:
     name = g.path
     frames = open_group(wd, "frames", name, expect_lineage=g.upstream.lineage_sha256)
-    writer = GroupWriter(wd, "points", name, g.config, upstream_sha256=frames.attrs["config_sha256"],
-                         upstream_lineage=g.upstream.lineage_sha256)
+    writer = GroupWriter(
+        wd,
+        "points",
+        name,
+        g.config,
+        upstream_sha256=frames.attrs["config_sha256"],
+        upstream_lineage=g.upstream.lineage_sha256,
+    )
     if writer.up_to_date():
-        import zarr
-
         attrs = dict(zarr.open_group(str(writer.path), mode="r").attrs)
         log.info("points/%s: up to date (%d frames), nothing to do", name, attrs["n_frames"])
         return _row(name, "up to date", attrs["n_frames"], attrs.get("point_counts", {}), 0.0)
@@ -283,8 +325,10 @@ def run_dataset(cfg: dict, g: Group, wd: Path) -> dict:
     scene_index = frames["scene_index"][...]
     n = len(scene_index)
     if n and (np.any(np.diff(scene_index) < 0) or scene_index.min() < 0 or scene_index.max() >= len(scenes)):
-        raise StoreError(f"{writer.path.parent.parent / 'frames.zarr' / name}: scene_index is not sorted "
-                         f"and within the {len(scenes)} scenes; re-run 'lift3d run frames'")
+        raise StoreError(
+            f"{writer.path.parent.parent / 'frames.zarr' / name}: scene_index is not sorted "
+            f"and within the {len(scenes)} scenes; re-run 'lift3d run frames'"
+        )
     starts = np.searchsorted(scene_index, np.arange(len(scenes)), side="left")
     stops = np.searchsorted(scene_index, np.arange(len(scenes)), side="right")
     writer.prepare_parts()
@@ -292,17 +336,41 @@ def run_dataset(cfg: dict, g: Group, wd: Path) -> dict:
     settings = {k: float(cfg["points"][k]) for k in ("voxel_size", "min_depth", "max_depth")}
     if not settings["voxel_size"] > 0 or not 0 <= settings["min_depth"] <= settings["max_depth"]:
         raise ValueError(f"points: need voxel_size > 0 and 0 <= min_depth <= max_depth, got {settings}")
-    log.info("points/%s: %d frames in %d scenes (%d already done), voxel %.4g m, depth [%g, %g] m",
-             name, n, len(scenes), len(scenes) - len(todo), settings["voxel_size"], settings["min_depth"],
-             settings["max_depth"])
-    tasks = [(scenes[i], (str(wd), name, g.upstream.lineage_sha256, int(starts[i]), int(stops[i]), scenes[i],
-                          str(writer.part_path(scenes[i])), settings)) for i in todo]
+    log.info(
+        "points/%s: %d frames in %d scenes (%d already done), voxel %.4g m, depth [%g, %g] m",
+        name,
+        n,
+        len(scenes),
+        len(scenes) - len(todo),
+        settings["voxel_size"],
+        settings["min_depth"],
+        settings["max_depth"],
+    )
+    tasks = [
+        (
+            scenes[i],
+            (
+                str(wd),
+                name,
+                g.upstream.lineage_sha256,
+                int(starts[i]),
+                int(stops[i]),
+                scenes[i],
+                str(writer.part_path(scenes[i])),
+                settings,
+            ),
+        )
+        for i in todo
+    ]
     with dask_client(cfg["cluster"]) as client:
         run_tasks(client, scene_task, tasks, desc=f"points/{name}")
     totals = _part_counts(writer, scenes)
-    writer.commit(scenes, attrs={"n_frames": n, "point_counts": totals, **settings,
-                                 "stored_size": frames.attrs.get("stored_size")},
-                  ragged=RAGGED, chunks={k: (CHUNK_POINTS,) + t[0] for k, t in templates().items() if k in RAGGED})
+    writer.commit(
+        scenes,
+        attrs={"n_frames": n, "point_counts": totals, **settings, "stored_size": frames.attrs.get("stored_size")},
+        ragged=RAGGED,
+        chunks={k: (CHUNK_POINTS,) + t[0] for k, t in templates().items() if k in RAGGED},
+    )
     done = open_group(wd, "points", name, expect_lineage=writer.lineage_sha256)
     if done["offsets"].shape[0] != n + 1:
         raise StoreError(f"{writer.path}: offsets has {done['offsets'].shape[0]} entries, expected {n + 1}")
@@ -310,8 +378,6 @@ def run_dataset(cfg: dict, g: Group, wd: Path) -> dict:
 
 
 def _part_counts(writer: GroupWriter, scenes: list[str]) -> dict:
-    import zarr
-
     totals: Counter = Counter({k: 0 for k in COUNT_KEYS})
     for s in scenes:
         if writer.part_done(s):

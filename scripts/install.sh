@@ -41,7 +41,7 @@ fi
   || { echo "[install] ERROR: MinkowskiEngine could not be set up (message above); the environment is NOT complete" >&2; exit 1; }
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e . \
   || { echo "[install] ERROR: pip install -e . failed" >&2; exit 1; }
-"$VENV/bin/python" -c "import torch, torchvision, timm, MinkowskiEngine, zarr, dask.distributed, cv2, yaml, click, lift3d, pipeline, train" \
+"$VENV/bin/python" -c "import torch, torchvision, timm, MinkowskiEngine, zarr, dask.distributed, cv2, yaml, click, lift3d.cli, lift3d.pipeline.frames, lift3d.train.pretrain" \
   || { echo "[install] ERROR: import check failed in $VENV" >&2; exit 1; }
 echo "$want" > "$STAMP"
 echo "[install] done: $VENV"

@@ -21,7 +21,6 @@ import sys
 
 import pytest
 
-
 PR_CAPBSET_DROP = 24
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 1, 2
 
@@ -43,8 +42,9 @@ def can_drop_privileges() -> bool:
     return r.returncode == 0
 
 
-def run_lift3d(args, unprivileged: bool = False, fsize: int | None = None, timeout: float = 300,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+def run_lift3d(
+    args, unprivileged: bool = False, fsize: int | None = None, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python -m lift3d.cli ARGS`` in a child process; stdout and stderr together in ``.out``.
     ``unprivileged``: file permissions apply to the child (see above); ``fsize``: RLIMIT_FSIZE."""
     if unprivileged and os.geteuid() == 0 and not can_drop_privileges():
@@ -53,13 +53,20 @@ def run_lift3d(args, unprivileged: bool = False, fsize: int | None = None, timeo
 
     def pre():
         if fsize is not None:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit fails with EFBIG
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
         if unprivileged and os.geteuid() == 0:
             _drop_dac_override()
 
-    res = subprocess.run([sys.executable, "-m", "lift3d.cli", *map(str, args)], stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=pre, timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, "-m", "lift3d.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        preexec_fn=pre,
+        timeout=timeout,
+    )
     res.out = res.stdout
     return res
 

@@ -1,4 +1,5 @@
-"""lift3d.backbones: real EfficientNet-Lite0 weights, the key mapping, ResNet-50 loading."""
+"""lift3d.nets.backbones2d: real EfficientNet-Lite0 weights, the key mapping, ResNet-50 loading."""
+
 import hashlib
 
 import numpy as np
@@ -6,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lift3d import backbones as bb
+from lift3d.nets import backbones2d as bb
 
-CATS = {281, 282, 283, 284, 285}        # tabby, tiger cat, Persian, Siamese, Egyptian cat
-COFFEE = {967, 968, 504}                # espresso, cup, coffee mug
+CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE = {967, 968, 504}  # espresso, cup, coffee mug
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_real_weights_classify_cat_and_coffee(lite0):
     skd = pytest.importorskip("skimage.data")
     p = _pooled_probs(lite0, _input(skd.chelsea(), lite0))
     assert int(p.argmax()) in CATS
-    assert set(p.topk(3).indices.tolist()) <= CATS          # the three best are all cats
+    assert set(p.topk(3).indices.tolist()) <= CATS  # the three best are all cats
     p = _pooled_probs(lite0, _input(skd.coffee(), lite0))
     assert int(p.argmax()) in COFFEE
     assert float(p[list(COFFEE)].sum()) > 0.5
@@ -56,7 +57,7 @@ def test_every_key_mapped_and_copied(lite0):
     src = torch.load(bb.efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     mapping = bb.efficientnet_lite0_key_map(src.keys(), model)
-    assert set(mapping) == set(src)                          # every source key used
+    assert set(mapping) == set(src)  # every source key used
     assert sorted(mapping.values()) == sorted(model.state_dict())  # every target key filled
     assert mapping["_blocks.0._project_conv.weight"] == "blocks.0.0.conv_pw.weight"
     assert mapping["_blocks.15._bn2.running_var"] == "blocks.6.0.bn3.running_var"
@@ -65,8 +66,7 @@ def test_every_key_mapped_and_copied(lite0):
     torch.testing.assert_close(lite0.trunk[0].weight, src["_conv_stem.weight"])
     torch.testing.assert_close(lite0.classifier.bias, src["_fc.bias"])
     torch.testing.assert_close(lite0.head[1].running_var, src["_bn1.running_var"])
-    assert lite0.weights_sha256 == hashlib.sha256(
-        bb.efficientnet_lite0_weights_path().read_bytes()).hexdigest()
+    assert lite0.weights_sha256 == hashlib.sha256(bb.efficientnet_lite0_weights_path().read_bytes()).hexdigest()
 
 
 def test_conventions_tf_padding_bn_eps(lite0):
@@ -125,7 +125,7 @@ def test_resnet50_from_file(resnet_file):
     torch.testing.assert_close(net.trunk[7][2].conv3.weight, sd["layer4.2.conv3.weight"])
     with torch.no_grad():
         f, logits = net(torch.randn(1, 3, 64, 100))
-    assert f.shape == (1, 2048, 2, 4) and logits.shape == (1, 1000, 2, 4)   # ceil(H / 32)
+    assert f.shape == (1, 2048, 2, 4) and logits.shape == (1, 1000, 2, 4)  # ceil(H / 32)
     assert net.stride == 32 and net.channels == 2048
     assert net.weights_sha256 == hashlib.sha256(resnet_file.read_bytes()).hexdigest()
 

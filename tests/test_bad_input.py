@@ -21,33 +21,33 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import yaml
-from click.testing import CliRunner
-
 import test_reader_matterport as MP
 import test_reader_matterport_pano as PANO
 import test_reader_scannet as RS
 import test_reader_scannet_export as EX
 import test_reader_sunrgbd as SUN
 import test_scannet_reader as SR
+import yaml
+from click.testing import CliRunner
 from faults import error_line, run_lift3d
+
 from lift3d.cli import main
-from lift3d.store import group_state
-from pipeline.readers import ReaderError
+from lift3d.core.store import group_state
+from lift3d.pipeline.readers.base import ReaderError
 
 SCENE = "scene0000_00"
 
 
 @dataclass
 class Err:
-    path: str      # the end of the broken file's path, as the message must name it
-    word: str      # what is wrong, as the message must say it
+    path: str  # the end of the broken file's path, as the message must name it
+    word: str  # what is wrong, as the message must say it
 
 
 @dataclass
 class Skip:
     reason: str
-    kept: list     # (scene, source_index) of every frame that must be in the store
+    kept: list  # (scene, source_index) of every frame that must be in the store
 
 
 # -- helpers that change one thing in a file the reader tests' writers made -------------------
@@ -59,7 +59,7 @@ def set_sens_pose(path, frame, pose):
     for i in range(frame + 1):
         csize, dsize = struct.unpack_from("<QQ", b, pos + 64 + 16)
         if i == frame:
-            b[pos:pos + 64] = np.asarray(pose, "<f4").tobytes()
+            b[pos : pos + 64] = np.asarray(pose, "<f4").tobytes()
         pos += 64 + 32 + csize + dsize
     path.write_bytes(bytes(b))
 
@@ -78,7 +78,7 @@ def sens_truncated_header(root):
 
 def sens_truncated_mid_frame(root):
     p, size = sens(root, n=3)
-    p.write_bytes(p.read_bytes()[:size - 10])
+    p.write_bytes(p.read_bytes()[: size - 10])
     return "scannet", {}, Err(f"{SCENE}/{SCENE}.sens", "truncated at frame 2 of 3")
 
 
@@ -199,17 +199,37 @@ def matterport_scan_without_intrinsics(root):
     return "matterport", {}, Err(f"{MP.HOUSE}.conf:5", "before any intrinsics_matrix (missing intrinsics)")
 
 
-CASES = [sens_truncated_header, sens_truncated_mid_frame, sens_corrupt_jpeg, sens_corrupt_zlib_depth,
-         sens_inf_pose, sens_nan_pose, sens_singular_pose, sens_empty_depth, sens_zero_intrinsics,
-         sens_wrong_size_depth, export_corrupt_depth_png, export_wrong_size_depth_png, export_nan_intrinsics,
-         export_missing_pose_file, export_singular_pose, sun_missing_intrinsics, sun_zero_intrinsics,
-         sun_corrupt_depth_png, sun_wrong_size_depth_png, pano_wrong_aspect_ratio,
-         matterport_scan_without_intrinsics]
+CASES = [
+    sens_truncated_header,
+    sens_truncated_mid_frame,
+    sens_corrupt_jpeg,
+    sens_corrupt_zlib_depth,
+    sens_inf_pose,
+    sens_nan_pose,
+    sens_singular_pose,
+    sens_empty_depth,
+    sens_zero_intrinsics,
+    sens_wrong_size_depth,
+    export_corrupt_depth_png,
+    export_wrong_size_depth_png,
+    export_nan_intrinsics,
+    export_missing_pose_file,
+    export_singular_pose,
+    sun_missing_intrinsics,
+    sun_zero_intrinsics,
+    sun_corrupt_depth_png,
+    sun_wrong_size_depth_png,
+    pano_wrong_aspect_ratio,
+    matterport_scan_without_intrinsics,
+]
 
 
 def write_config(tmp, root, kind, extra):
-    cfg = {"workdir": str(tmp / "work"), "cluster": {"n_workers": 0},
-           "datasets": [{"name": "bad", "kind": kind, "root": str(root), "frame_skip": 1, "split": "all", **extra}]}
+    cfg = {
+        "workdir": str(tmp / "work"),
+        "cluster": {"n_workers": 0},
+        "datasets": [{"name": "bad", "kind": kind, "root": str(root), "frame_skip": 1, "split": "all", **extra}],
+    }
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, tmp / "work"
@@ -221,7 +241,7 @@ def check(expected, code: int, out: str, wd):
         assert code == 1, out[-3000:]
         line = error_line(out)
         assert "frames failed" in line and expected.path in line and expected.word in line, line
-        assert attrs is None or not attrs.get("complete")   # nothing that looks complete
+        assert attrs is None or not attrs.get("complete")  # nothing that looks complete
         return
     assert code == 0, out[-3000:]
     import zarr
@@ -258,8 +278,11 @@ def unreadable_sunrgbd_folder(root):
     return "sunrgbd", SUN_SIZE, Err("kv2", "unreadable folder")
 
 
-@pytest.mark.parametrize("case", [unreadable_scannet_scene, unreadable_sunrgbd_folder],
-                         ids=["unreadable_scannet_scene", "unreadable_sunrgbd_folder"])
+@pytest.mark.parametrize(
+    "case",
+    [unreadable_scannet_scene, unreadable_sunrgbd_folder],
+    ids=["unreadable_scannet_scene", "unreadable_sunrgbd_folder"],
+)
 def test_unreadable_folder_is_an_error_not_a_silent_loss(case, tmp_path):
     root = tmp_path / "data"
     root.mkdir()
@@ -271,8 +294,8 @@ def test_unreadable_folder_is_an_error_not_a_silent_loss(case, tmp_path):
 
 # -- labels: read by fine-tuning and evaluation, not by a preprocessing stage ----------------
 def test_missing_label_file_names_it(tmp_path):
-    from pipeline.scannet_labels import read_labelled_mesh
-    from pipeline.synthetic import write_ply
+    from lift3d.pipeline.readers.scannet_labels import read_labelled_mesh
+    from lift3d.pipeline.synthetic import write_ply
 
     d = tmp_path / SCENE
     d.mkdir()
@@ -281,6 +304,11 @@ def test_missing_label_file_names_it(tmp_path):
     with pytest.raises(ReaderError, match=rf"{SCENE}_vh_clean_2\.labels\.ply: cannot read: No such file"):
         read_labelled_mesh(d)
     # with the label file present, the same folder reads (the error above was the missing file)
-    write_ply(d / f"{SCENE}_vh_clean_2.labels.ply", xyz, np.full((3, 3), 90, np.uint8), np.array([[0, 1, 2]]),
-              np.array([1, 5, 39]))
+    write_ply(
+        d / f"{SCENE}_vh_clean_2.labels.ply",
+        xyz,
+        np.full((3, 3), 90, np.uint8),
+        np.array([[0, 1, 2]]),
+        np.array([1, 5, 39]),
+    )
     assert read_labelled_mesh(d)[2].tolist() == [1, 5, 39]

@@ -8,10 +8,10 @@ import yaml
 import zarr
 from click.testing import CliRunner
 
-from lift3d import config as C
-from lift3d import stages as S
 from lift3d.cli import main
-from lift3d.store import GroupWriter, PartWriter, StoreError, open_group, stage_lock
+from lift3d.core import config as C
+from lift3d.core import graph as S
+from lift3d.core.store import GroupWriter, PartWriter, StoreError, open_group, stage_lock
 
 
 def write_cfg(tmp_path: Path, data: dict) -> Path:
@@ -53,8 +53,15 @@ def test_reader_defaults_enter_the_identity(tmp_path):
 
 
 def test_overrides_parse_yaml_and_index_lists():
-    cfg = C.load(None, ["points.voxel_size=0.1", "datasets.0.frame_skip=10", "teacher.input_size=[64, 96]",
-                        "cluster.scheduler=tcp://h:8786"])
+    cfg = C.load(
+        None,
+        [
+            "points.voxel_size=0.1",
+            "datasets.0.frame_skip=10",
+            "teacher.input_size=[64, 96]",
+            "cluster.scheduler=tcp://h:8786",
+        ],
+    )
     assert cfg["points"]["voxel_size"] == 0.1
     assert cfg["datasets"][0]["frame_skip"] == 10
     assert cfg["teacher"]["input_size"] == [64, 96]
@@ -88,8 +95,17 @@ def test_dataset_entry_errors(tmp_path):
     with pytest.raises(C.ConfigError, match="split"):
         C.load(write_cfg(tmp_path, {"datasets": [{"name": "a", "kind": "scannet", "root": "/x", "split": "test1"}]}))
     with pytest.raises(C.ConfigError, match="used twice"):
-        C.load(write_cfg(tmp_path, {"datasets": [{"name": "a", "kind": "scannet", "root": "/x"},
-                                                  {"name": "a", "kind": "scannet", "root": "/y"}]}))
+        C.load(
+            write_cfg(
+                tmp_path,
+                {
+                    "datasets": [
+                        {"name": "a", "kind": "scannet", "root": "/x"},
+                        {"name": "a", "kind": "scannet", "root": "/y"},
+                    ]
+                },
+            )
+        )
     with pytest.raises(C.ConfigError, match=r"unknown key datasets\.0\.'colour'"):
         C.load(write_cfg(tmp_path, {"datasets": [{"name": "a", "kind": "scannet", "root": "/x", "colour": 1}]}))
 
@@ -108,8 +124,11 @@ def _fake_frames_group(wd: Path, cfg: dict, name: str, n: int = 3, done: bool = 
     w = GroupWriter(wd, "frames", name, g.config)
     w.prepare_parts()
     pw = PartWriter(w.part_path("scene0000_00"))
-    pw.append(source_index=np.arange(n, dtype=np.int32), scene_index=np.zeros(n, np.int32),
-              depth=np.full((n, 2, 3), 1000, np.uint16))
+    pw.append(
+        source_index=np.arange(n, dtype=np.int32),
+        scene_index=np.zeros(n, np.int32),
+        depth=np.full((n, 2, 3), 1000, np.uint16),
+    )
     pw.skipped["nonfinite_pose"] += 2
     pw.finish({})
     if done:
@@ -135,8 +154,14 @@ def test_stage_status_follows_identity(tmp_path):
     # downstream: points depends on frames' lineage
     pcfg = C.load(None, [f"workdir={wd}", "frames.chunk_frames=2"])  # frames' own section only
     g = S.groups(cfg, "points")[0]
-    pw_ = GroupWriter(wd, "points", "synthetic", g.config, upstream_sha256=g.upstream.config_sha256,
-                      upstream_lineage=g.upstream.lineage_sha256)
+    pw_ = GroupWriter(
+        wd,
+        "points",
+        "synthetic",
+        g.config,
+        upstream_sha256=g.upstream.config_sha256,
+        upstream_lineage=g.upstream.lineage_sha256,
+    )
     pw_.prepare_parts()
     PartWriter(pw_.part_path("scene0000_00")).finish({"counts": ((), np.int64)})
     pw_.commit(["scene0000_00"], attrs={}, ragged=("coords",))

@@ -10,38 +10,38 @@ import pytest
 import torch
 import zarr
 
-from lift3d import backbones
-from lift3d import config as C
-from lift3d import stages as S
-from lift3d.store import StoreError
-from train import distill2d as D
-from train import distill2d_net as N
-from train.models import build_model
-
+from lift3d.core import config as C
+from lift3d.core import graph as S
+from lift3d.core.store import StoreError
+from lift3d.nets import backbones2d as backbones
+from lift3d.nets import pspnet as N
+from lift3d.nets.res16unet import build_model
+from lift3d.train import distill2d as D
 
 # ----------------------------------------------------------------------------- projection
+
 
 def test_projection_hand_computed():
     # camera at t looking along world +y: camera x = world +x, camera y (down) = world -z
     t = np.array([1.0, 2.0, 0.5])
     pose = np.eye(4)
     pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = [1, 0, 0], [0, 0, -1], [0, 1, 0], t
-    K = (10.0, 10.0, 4.0, 3.0)                     # fx, fy, cx, cy; H = 8, W = 10
+    K = (10.0, 10.0, 4.0, 3.0)  # fx, fy, cx, cy; H = 8, W = 10
 
-    def world(cam):                                # X = t + R X_cam
+    def world(cam):  # X = t + R X_cam
         x, y, z = cam
         return [t[0] + x, t[1] + z, t[2] - y]
 
     cams = {
-        "A": (0.0, 0.0, 2.0),          # pixel (3, 4)
-        "B": (0.4, 0.2, 2.0),          # (4, 6)
-        "C": (0.6, 0.3, 3.0),          # (4, 6) too, but 1 m behind the measured surface: occluded
-        "D": (-0.4, 0.0, 2.5),         # (3, 2): alone, but the measured depth there is 1.5 m
-        "E": (-0.594, -0.396, 1.98),   # (1, 1), z 1.98
-        "F": (-0.609, -0.406, 2.03),   # (1, 1), z 2.03: both within 5 cm of 2.0, E is nearer
-        "G": (0.0, 0.0, -2.0),         # behind the camera
-        "H": (2.0, 0.0, 2.0),          # column 14: outside
-        "I": (0.8, 0.6, 2.0),          # (6, 8): no depth measured there
+        "A": (0.0, 0.0, 2.0),  # pixel (3, 4)
+        "B": (0.4, 0.2, 2.0),  # (4, 6)
+        "C": (0.6, 0.3, 3.0),  # (4, 6) too, but 1 m behind the measured surface: occluded
+        "D": (-0.4, 0.0, 2.5),  # (3, 2): alone, but the measured depth there is 1.5 m
+        "E": (-0.594, -0.396, 1.98),  # (1, 1), z 1.98
+        "F": (-0.609, -0.406, 2.03),  # (1, 1), z 2.03: both within 5 cm of 2.0, E is nearer
+        "G": (0.0, 0.0, -2.0),  # behind the camera
+        "H": (2.0, 0.0, 2.0),  # column 14: outside
+        "I": (0.8, 0.6, 2.0),  # (6, 8): no depth measured there
     }
     names = list(cams)
     xyz = np.array([world(cams[n]) for n in names], np.float32)
@@ -58,6 +58,7 @@ def test_projection_hand_computed():
 
 # ----------------------------------------------------------------------------- DN1 / DN2
 
+
 def test_dn1_output_has_the_global_3d_statistics():
     torch.manual_seed(0)
     mean = torch.tensor([0.5, -1.0, 2.0, 0.0, 3.0])
@@ -68,7 +69,7 @@ def test_dn1_output_has_the_global_3d_statistics():
     flat = y.transpose(0, 1).reshape(5, -1).double()
     np.testing.assert_allclose(flat.mean(1).numpy(), mean.numpy(), atol=1e-5)
     np.testing.assert_allclose(flat.std(1, unbiased=False).numpy(), std.numpy(), rtol=1e-3)
-    with torch.no_grad():                          # learnable offsets shift and scale on top
+    with torch.no_grad():  # learnable offsets shift and scale on top
         dn1.d_mean.fill_(0.25)
         dn1.d_std.fill_(0.5)
     flat = dn1(x).detach().transpose(0, 1).reshape(5, -1).double()
@@ -79,8 +80,10 @@ def test_dn1_output_has_the_global_3d_statistics():
 def test_dn2_output_has_the_2d_statistics():
     torch.manual_seed(1)
     dn2 = N.DN2(5, 3).train()
-    f2d = torch.randn(4, 3, 6, 7) * torch.tensor([2.0, 0.5, 1.0])[None, :, None, None] \
+    f2d = (
+        torch.randn(4, 3, 6, 7) * torch.tensor([2.0, 0.5, 1.0])[None, :, None, None]
         + torch.tensor([1.0, -3.0, 0.0])[None, :, None, None]
+    )
     sim = torch.randn(4, 5, 6, 7) * 7 + 4
     y = dn2(sim, f2d).detach()
     want = f2d.transpose(0, 1).reshape(3, -1).double()
@@ -90,6 +93,7 @@ def test_dn2_output_has_the_2d_statistics():
 
 
 # ----------------------------------------------------------------------------- the L2 loss
+
 
 def test_l2_only_on_covered_pixels_hand_computed():
     # a 2-channel 2x2 map for a 4x4 frame: pixel (0, 0) lies at cell position (-0.25, -0.25),
@@ -115,6 +119,7 @@ def test_l2_only_on_covered_pixels_hand_computed():
 
 # ----------------------------------------------------------------------------- shapes
 
+
 @pytest.fixture(scope="module")
 def lite0():
     return backbones.efficientnet_lite0
@@ -125,7 +130,7 @@ def test_psp_and_output_stride(lite0):
     assert ppm(torch.randn(2, 16, 5, 7)).shape == (2, 32, 5, 7)
     net = N.Seg2D(lite0(), 20, 16, 12, torch.zeros(12), torch.ones(12)).train()
     out = net(torch.rand(2, 3, 48, 64) * 255)
-    assert out["logits"].shape == (2, 20, 3, 4) and out["f3d_sim"].shape == (2, 12, 3, 4)   # stride 16
+    assert out["logits"].shape == (2, 20, 3, 4) and out["f3d_sim"].shape == (2, 12, 3, 4)  # stride 16
     base = N.Seg2D(lite0(), 20, 16).eval()
     out = base(torch.rand(1, 3, 120, 160) * 255)
     assert set(out) == {"logits"} and out["logits"].shape == (1, 20, 8, 10)
@@ -143,10 +148,19 @@ def test_psp_and_output_stride(lite0):
 
 # ----------------------------------------------------------------------------- adversarial updates
 
+
 def test_alternating_updates_touch_only_their_parameters(lite0):
     torch.manual_seed(0)
-    d = {"loss_seg": 1.0, "loss_l2": 0.03, "loss_adv": 0.01, "disc_samples": 8, "lr": 0.01, "head_lr_mult": 10.0,
-         "momentum": 0.9, "weight_decay": 0.0}
+    d = {
+        "loss_seg": 1.0,
+        "loss_l2": 0.03,
+        "loss_adv": 0.01,
+        "disc_samples": 8,
+        "lr": 0.01,
+        "head_lr_mult": 10.0,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+    }
     net = N.Seg2D(lite0(), 20, 16, 12, torch.zeros(12), torch.ones(12)).train()
     disc = N.Discriminators(12, 20, 8)
     opt = D.make_optimizer(d, net)
@@ -154,10 +168,15 @@ def test_alternating_updates_touch_only_their_parameters(lite0):
     labels = torch.full((2, 48, 64), 255, dtype=torch.long)
     labels[1, :20] = 3
     labels[1, 20:] = 7
-    batch = {"rgb": torch.rand(2, 3, 48, 64) * 255, "labels": labels, "unpaired": [False, True],
-             "pair_frame": torch.tensor([0, 0]), "pair_pixel": torch.tensor([[1, 1], [10, 20]]),
-             "pair_feat": torch.randn(2, 12)}
-    real = {3: torch.randn(5, 12), 9: torch.randn(4, 12)}      # category 7 has no real features here
+    batch = {
+        "rgb": torch.rand(2, 3, 48, 64) * 255,
+        "labels": labels,
+        "unpaired": [False, True],
+        "pair_frame": torch.tensor([0, 0]),
+        "pair_pixel": torch.tensor([[1, 1], [10, 20]]),
+        "pair_feat": torch.randn(2, 12),
+    }
+    real = {3: torch.randn(5, 12), 9: torch.randn(4, 12)}  # category 7 has no real features here
     g0 = {k: v.clone() for k, v in net.state_dict().items()}
     d0 = {k: v.clone() for k, v in disc.state_dict().items()}
     parts, fake = D.generator_step(net, disc, opt, batch, d, (48, 64), np.random.default_rng(0), real)
@@ -170,10 +189,11 @@ def test_alternating_updates_touch_only_their_parameters(lite0):
     D.discriminator_step(disc, opt_d, fake, real)
     assert all(torch.equal(v, g1[k]) for k, v in net.state_dict().items())
     changed = {int(k.split(".")[1]) for k, v in disc.state_dict().items() if not torch.equal(v, d0[k])}
-    assert changed == {3}                          # only the category with both real and fake samples
+    assert changed == {3}  # only the category with both real and fake samples
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def write_3d(path, name="Res16UNet14A", out=16, **over):
     torch.manual_seed(0)
@@ -188,8 +208,10 @@ def test_bad_checkpoints_are_refused(tmp_path):
     good = write_3d(tmp_path / "good.pt")
     net, info = D.load_3d(good, cfg)
     assert info["channels"] == net.decoder_dim == 96 and info["voxel_size"] == cfg["pretrain"]["voxel_size"]
-    torch.save({"model": {"fc.weight": torch.zeros(3, 3)}, "model_name": "ResNet50", "in_channels": 3,
-                "out_channels": 3}, tmp_path / "resnet.pt")
+    torch.save(
+        {"model": {"fc.weight": torch.zeros(3, 3)}, "model_name": "ResNet50", "in_channels": 3, "out_channels": 3},
+        tmp_path / "resnet.pt",
+    )
     with pytest.raises(D.DistillError, match="resnet.pt.*not a Res16UNet"):
         D.load_3d(tmp_path / "resnet.pt", cfg)
     obj = torch.load(good, weights_only=False)
@@ -210,22 +232,44 @@ def test_bad_checkpoints_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="empty_run/model.pt"):
         D.resolve_checkpoint(cfg)
     cfg["workdir"] = str(tmp_path / "w")
-    cfg["distill2d"]["checkpoint"] = None          # = the finetune run, which does not exist here
+    cfg["distill2d"]["checkpoint"] = None  # = the finetune run, which does not exist here
     with pytest.raises(StoreError, match="finetune"):
         D.resolve_checkpoint(cfg)
 
 
 # ----------------------------------------------------------------------------- end to end
 
+
 def make_cfg(wd, ck, **d) -> dict:
     cfg = C.defaults()
     cfg["workdir"] = str(wd)
-    cfg["datasets"] = [{"name": "tiny", "kind": "synthetic", "root": None, "frame_skip": 2, "split": "train",
-                        "scenes": 3, "seed": 0, "frames_per_scene": 8, "depth_size": [48, 64]}]
+    cfg["datasets"] = [
+        {
+            "name": "tiny",
+            "kind": "synthetic",
+            "root": None,
+            "frame_skip": 2,
+            "split": "train",
+            "scenes": 3,
+            "seed": 0,
+            "frames_per_scene": 8,
+            "depth_size": [48, 64],
+        }
+    ]
     cfg["cluster"]["n_workers"] = 0
-    cfg["distill2d"].update({"checkpoint": str(ck), "voxel_size": 0.2, "iterations": 4, "batch_size": 2,
-                             "head_dim": 16, "checkpoint_every": 2, "device": "cpu", "unpaired_fraction": 0.5,
-                             "disc_samples": 8})
+    cfg["distill2d"].update(
+        {
+            "checkpoint": str(ck),
+            "voxel_size": 0.2,
+            "iterations": 4,
+            "batch_size": 2,
+            "head_dim": 16,
+            "checkpoint_every": 2,
+            "device": "cpu",
+            "unpaired_fraction": 0.5,
+            "disc_samples": 8,
+        }
+    )
     cfg["distill2d"].update(d)
     return cfg
 
@@ -256,9 +300,9 @@ def test_cache_labels_agree_with_the_2d_labels(tiny):
     labels = D.default_labels(cfg["datasets"][0], wd)
     agree = total = 0
     for i, row in enumerate(fi):
-        pix = g["pixel"][off[i]:off[i + 1]]
-        lab3 = g["label3d"][off[i]:off[i + 1]].astype(int)
-        assert len(pix) > 20 and len(np.unique(pix[:, 0] * 64 + pix[:, 1])) == len(pix)   # one point per pixel
+        pix = g["pixel"][off[i] : off[i + 1]]
+        lab3 = g["label3d"][off[i] : off[i + 1]].astype(int)
+        assert len(pix) > 20 and len(np.unique(pix[:, 0] * 64 + pix[:, 1])) == len(pix)  # one point per pixel
         depth = fr["depth"][int(row)][pix[:, 0], pix[:, 1]]
         assert (depth > 0).all()
         scene = fr.attrs["scenes"][int(fr["scene_index"][row])]
@@ -305,13 +349,14 @@ def test_end_to_end_kill_resume_and_status(tiny):
     for k in ("baseline", "distilled"):
         assert 0.0 <= ev[k]["miou"] <= 1.0 and ev[k]["frames"] == 4 and ev[k]["ms_per_frame"] > 0
     assert ev["distilled"]["parameters"] > ev["baseline"]["parameters"]
-    assert ev["extra_inference_ms_per_frame"] == pytest.approx(ev["distilled"]["ms_per_frame"]
-                                                               - ev["baseline"]["ms_per_frame"])
+    assert ev["extra_inference_ms_per_frame"] == pytest.approx(
+        ev["distilled"]["ms_per_frame"] - ev["baseline"]["ms_per_frame"]
+    )
     metrics = (d / "metrics.csv").read_text().splitlines()
     assert len(metrics) == 9
     dist = [r.split(",") for r in metrics[1:] if r.startswith("distilled")]
-    assert any(float(r[4]) > 0 for r in dist)                                   # l2 logged
-    assert any(r[5] for r in dist) and any(r[6] for r in dist)                  # adversarial + disc
+    assert any(float(r[4]) > 0 for r in dist)  # l2 logged
+    assert any(r[5] for r in dist) and any(r[6] for r in dist)  # adversarial + disc
     assert D.status(straight)[0] == "done"
     assert D.summary(straight)["2D mIoU distilled"] == ev["distilled"]["miou"]
     assert D.run(straight)[0]["status"] == "up to date"

@@ -7,9 +7,9 @@ import torch
 from click.testing import CliRunner
 
 from lift3d.cli import main
-from train.models import build_model
+from lift3d.nets.res16unet import build_model
 
-MANIFEST = json.loads((Path(__file__).resolve().parent.parent / "train" / "pointcontrast_manifest.json").read_text())
+MANIFEST = json.loads((Path(__file__).resolve().parent / "fixtures" / "pointcontrast_manifest.json").read_text())
 
 
 def save_run(tmp_path, name="Res16UNet34C", out=32, claim=None):
@@ -17,8 +17,17 @@ def save_run(tmp_path, name="Res16UNet34C", out=32, claim=None):
     net = build_model(name, 3, out)
     run = tmp_path / "run"
     run.mkdir()
-    torch.save({"model": net.state_dict(), "model_name": claim or name, "in_channels": 3, "out_channels": out,
-                "method": "ppnce", "steps": 1}, run / "model.pt")
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "model_name": claim or name,
+            "in_channels": 3,
+            "out_channels": out,
+            "method": "ppnce",
+            "steps": 1,
+        },
+        run / "model.pt",
+    )
     return run, net.state_dict()
 
 

@@ -13,31 +13,51 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from lift3d import config as C
-from lift3d import stages as S
 from lift3d.cli import main
-from pipeline.readers import ReaderError
-from pipeline.scannet_labels import read_labelled_mesh
-from train import finetune as FT
-from train import metrics as M
-from train import pretrain as P
-from train import scenes as SC
-from train.models import build_model
-from train.verdict import format_verdict, run_verdict
+from lift3d.core import config as C
+from lift3d.core import graph as S
+from lift3d.core import metrics as M
+from lift3d.nets.res16unet import build_model
+from lift3d.pipeline.readers.base import ReaderError
+from lift3d.pipeline.readers.scannet_labels import read_labelled_mesh
+from lift3d.train import finetune as FT
+from lift3d.train import pretrain as P
+from lift3d.train import scenes as SC
+from lift3d.train.verdict import format_verdict, run_verdict
 
 
 def make_cfg(wd, split="train", **finetune) -> dict:
     cfg = C.defaults()
     cfg["workdir"] = str(wd)
-    cfg["datasets"] = [{"name": "tiny", "kind": "synthetic", "root": None, "frame_skip": 2, "split": split,
-                        "scenes": 3, "seed": 0, "frames_per_scene": 8, "depth_size": [48, 64],
-                        "mesh_spacing": 0.1}]
+    cfg["datasets"] = [
+        {
+            "name": "tiny",
+            "kind": "synthetic",
+            "root": None,
+            "frame_skip": 2,
+            "split": split,
+            "scenes": 3,
+            "seed": 0,
+            "frames_per_scene": 8,
+            "depth_size": [48, 64],
+            "mesh_spacing": 0.1,
+        }
+    ]
     cfg["cluster"]["n_workers"] = 0
     cfg["teacher"].update({"device": "cpu", "batch_size": 4, "input_size": [96, 128]})
-    cfg["pretrain"].update({"model": "Res16UNet14", "feature_dim": 16, "proj_dim": 16, "voxel_size": 0.2,
-                            "batch_size": 2, "n_sub": 64, "iterations": 3, "device": "cpu"})
-    cfg["finetune"].update({"iterations": 4, "batch_size": 2, "device": "cpu", "checkpoint_every": 2,
-                            "lr": 0.05})
+    cfg["pretrain"].update(
+        {
+            "model": "Res16UNet14",
+            "feature_dim": 16,
+            "proj_dim": 16,
+            "voxel_size": 0.2,
+            "batch_size": 2,
+            "n_sub": 64,
+            "iterations": 3,
+            "device": "cpu",
+        }
+    )
+    cfg["finetune"].update({"iterations": 4, "batch_size": 2, "device": "cpu", "checkpoint_every": 2, "lr": 0.05})
     cfg["finetune"].update(finetune)
     return cfg
 
@@ -68,7 +88,7 @@ def test_scores_by_hand():
     assert s["macc"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
     assert s["overall_acc"] == pytest.approx(4 / 6)
     names = [line.split()[0] for line in M.format_table(s).splitlines()[1:4]]
-    assert names == ["a", "b", "c"]     # one row per class present; "d" has no row
+    assert names == ["a", "b", "c"]  # one row per class present; "d" has no row
 
 
 def test_entropy_rampup_ema_by_hand():
@@ -193,9 +213,19 @@ def test_finetune_la_eval_and_resume(wd):
 
 
 def test_semi_supervised_terms_run(wd):
-    cfg = make_cfg(wd, init="scratch", la_points=5, iterations=2,
-                   semi={"entropy_weight": 0.5, "mean_teacher": True, "ema_decay": 0.9,
-                         "consistency_weight": 1.0, "rampup_steps": 2})
+    cfg = make_cfg(
+        wd,
+        init="scratch",
+        la_points=5,
+        iterations=2,
+        semi={
+            "entropy_weight": 0.5,
+            "mean_teacher": True,
+            "ema_decay": 0.9,
+            "consistency_weight": 1.0,
+            "rampup_steps": 2,
+        },
+    )
     FT.train(cfg)
     rows = (FT.run_dir(cfg) / "metrics.csv").read_text().splitlines()
     head = rows[0].split(",")
@@ -208,7 +238,7 @@ def test_semi_supervised_terms_run(wd):
 
 def test_refuses_pretraining_that_saw_val_scenes(wd, tmp_path):
     cfg = make_cfg(tmp_path, split="all")
-    cfg["datasets"][0]["root"] = str(raw(wd))   # the already generated data
+    cfg["datasets"][0]["root"] = str(raw(wd))  # the already generated data
     for stage in ("frames", "teacher", "points", "pretrain"):
         S.run_stage(cfg, stage)
     with pytest.raises(FT.FinetuneError, match=r"validation scene.*scene0002_00.*split: train"):
@@ -221,7 +251,7 @@ def test_bad_checkpoints(wd, tmp_path):
     with pytest.raises(FT.FinetuneError, match=r"Res16UNet14, but finetune.model is 'Res16UNet18'"):
         FT.build_network(make_cfg(wd, model="Res16UNet18"))
     wrong = torch.load(pre / "model.pt", weights_only=False)
-    wrong["model_name"] = "Res16UNet34C"     # claims another architecture than its weights
+    wrong["model_name"] = "Res16UNet34C"  # claims another architecture than its weights
     torch.save(wrong, tmp_path / "wrong.pt")
     with pytest.raises(FT.FinetuneError, match=r"wrong\.pt: the weights do not fit Res16UNet34C"):
         FT.build_network(make_cfg(wd, init=str(tmp_path / "wrong.pt")))
@@ -231,8 +261,17 @@ def test_bad_checkpoints(wd, tmp_path):
     with pytest.raises(FT.FinetuneError, match="without a segmentation head"):
         FT.eval_checkpoint(cfg, pre)
     net = build_model("Res16UNet14", 3, 13)
-    torch.save({"model": net.state_dict(), "model_name": "Res16UNet14", "in_channels": 3, "out_channels": 13,
-                "num_classes": 13, "voxel_size": 0.2}, tmp_path / "c13.pt")
+    torch.save(
+        {
+            "model": net.state_dict(),
+            "model_name": "Res16UNet14",
+            "in_channels": 3,
+            "out_channels": 13,
+            "num_classes": 13,
+            "voxel_size": 0.2,
+        },
+        tmp_path / "c13.pt",
+    )
     with pytest.raises(FT.FinetuneError, match=r"c13\.pt: the checkpoint predicts 13 classes.*20"):
         FT.eval_checkpoint(cfg, tmp_path / "c13.pt")
     with pytest.raises(FT.FinetuneError, match="both set"):
@@ -244,9 +283,10 @@ def test_cli_eval_checkpoint_and_verdict(wd, tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     import yaml
 
-    cfg_path.write_text(yaml.safe_dump({k: cfg[k] for k in ("workdir", "datasets", "cluster", "teacher",
-                                                           "pretrain", "finetune")}))
-    res = run_verdict(C.load(cfg_path), [0], la_points=5, methods=("ppnce",), jobs=2)   # worker processes
+    cfg_path.write_text(
+        yaml.safe_dump({k: cfg[k] for k in ("workdir", "datasets", "cluster", "teacher", "pretrain", "finetune")})
+    )
+    res = run_verdict(C.load(cfg_path), [0], la_points=5, methods=("ppnce",), jobs=2)  # worker processes
     assert [r["method"] for r in res["rows"]] == ["scratch", "ppnce"]
     for r in res["runs"]:
         ev = json.loads((__import__("pathlib").Path(r["run_dir"]) / "eval.json").read_text())

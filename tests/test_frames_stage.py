@@ -7,13 +7,18 @@ import numpy as np
 import pytest
 import zarr
 
-from lift3d import config as C
-from lift3d.cluster import TaskError
-from pipeline import frames as F
-from pipeline.scannet import Reader as ScanNetReader
+from lift3d.core import config as C
+from lift3d.core.cluster import TaskError
+from lift3d.pipeline import frames as F
+from lift3d.pipeline.readers.scannet import Reader as ScanNetReader
 
-TINY = ["datasets.0.scenes=2", "datasets.0.frames_per_scene=24", "datasets.0.depth_size=[48, 64]",
-        "datasets.0.split=all", "cluster.n_workers=0"]
+TINY = [
+    "datasets.0.scenes=2",
+    "datasets.0.frames_per_scene=24",
+    "datasets.0.depth_size=[48, 64]",
+    "datasets.0.split=all",
+    "cluster.n_workers=0",
+]
 
 
 def cfg_for(wd, *extra):
@@ -131,7 +136,7 @@ def test_local_cluster_workers_get_heap_malloc_and_one_opencv_thread():
     """The nanny's MALLOC_TRIM_THRESHOLD_ alone would freeze glibc's mmap threshold at 128 KiB
     (every frame buffer mmap'ed); lift3d's LocalCluster sets both thresholds, and the workers
     pin OpenCV to their own thread count before any task."""
-    from lift3d.cluster import dask_client, init_worker
+    from lift3d.core.cluster import dask_client, init_worker
     from lift3d.launch import MALLOC_ENV
 
     def probe():
@@ -140,6 +145,6 @@ def test_local_cluster_workers_get_heap_malloc_and_one_opencv_thread():
         return {k: os.environ.get(k) for k in MALLOC_ENV} | {"cv2": cv2.getNumThreads()}
 
     with dask_client({"n_workers": 1, "threads_per_worker": 1, "memory_limit": "1GiB"}) as client:
-        client.run(init_worker, "pipeline.frames")
+        client.run(init_worker, "lift3d.pipeline.frames")
         (got,) = client.run(probe).values()
     assert got == {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "cv2": 1}

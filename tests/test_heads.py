@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.heads import UPL, ProjectionHead3D, SegHead
+from lift3d.nets.heads import UPL, ProjectionHead3D, SegHead
 
 torch.set_num_threads(1)
 
@@ -19,8 +19,7 @@ def test_projection_head_linear_then_unit_norm():
     out = head(x).detach()
     W, b = head.linear.weight.detach(), head.linear.bias.detach()
     for i in range(4):
-        y = [sum(float(W[o, c]) * float(x[i, c]) for c in range(5)) + float(b[o])
-             for o in range(3)]
+        y = [sum(float(W[o, c]) * float(x[i, c]) for c in range(5)) + float(b[o]) for o in range(3)]
         norm = math.sqrt(sum(v * v for v in y))
         for o in range(3):
             assert abs(float(out[i, o]) - y[o] / norm) < 1e-5
@@ -46,8 +45,9 @@ def dense_reference(upl, maps, frame_idx, pixels, H, W):
     return F.normalize(y, dim=1)
 
 
-@pytest.mark.parametrize("h,w,H,W", [(7, 9, 60, 80), (4, 5, 16, 20), (6, 8, 6, 8),
-                                     (5, 3, 17, 29), (12, 10, 5, 7), (1, 1, 4, 6)])
+@pytest.mark.parametrize(
+    "h,w,H,W", [(7, 9, 60, 80), (4, 5, 16, 20), (6, 8, 6, 8), (5, 3, 17, 29), (12, 10, 5, 7), (1, 1, 4, 6)]
+)
 def test_upl_sample_equals_dense(h, w, H, W):
     torch.manual_seed(h * 100 + w)
     N, C, D = 3, 6, 4
@@ -63,8 +63,7 @@ def test_upl_sample_equals_dense(h, w, H, W):
     got = upl.sample(maps, fidx, pix, (H, W))
     ref = dense_reference(upl, maps, fidx, pix, H, W)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(upl.dense(maps, (H, W))[fidx, :, pix[:, 0], pix[:, 1]], ref,
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(upl.dense(maps, (H, W))[fidx, :, pix[:, 0], pix[:, 1]], ref, rtol=0, atol=1e-5)
 
 
 def test_upl_gradient_equals_dense_gradient():

@@ -21,14 +21,27 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-
 from faults import error_line, run_lift3d
-from lift3d import config as C
-from lift3d import stages as S
 
-TINY = {"datasets": [{"name": "syn", "kind": "synthetic", "root": None, "frame_skip": 2, "split": "all",
-                      "scenes": 3, "seed": 2, "frames_per_scene": 12, "depth_size": [24, 32]}],
-        "cluster": {"n_workers": 0}}
+from lift3d.core import config as C
+from lift3d.core import graph as S
+
+TINY = {
+    "datasets": [
+        {
+            "name": "syn",
+            "kind": "synthetic",
+            "root": None,
+            "frame_skip": 2,
+            "split": "all",
+            "scenes": 3,
+            "seed": 2,
+            "frames_per_scene": 12,
+            "depth_size": [24, 32],
+        }
+    ],
+    "cluster": {"n_workers": 0},
+}
 KEYS = ("config_sha256", "lineage_sha256", "skipped", "scenes", "complete")
 
 
@@ -78,8 +91,9 @@ def incomplete(wd, store):
 def test_second_process_on_the_same_stage_is_refused(clean, tmp_path):
     p, wd = trial(clean, tmp_path, "two")
     cmd = [sys.executable, "-m", "lift3d.cli", "run", "frames", "-c", str(p)]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     lock = wd / ".locks" / "frames.lock"
     try:
         # the first process holds the stage once its pid is in the lock file; stop it right there
@@ -91,25 +105,25 @@ def test_second_process_on_the_same_stage_is_refused(clean, tmp_path):
         assert second.returncode == 1, second.out
         line = error_line(second.out)
         assert "already running" in line and f"pid {first.pid}" in line and str(wd) in line, line
-        assert incomplete(wd, "frames")             # the second one wrote nothing
+        assert incomplete(wd, "frames")  # the second one wrote nothing
     finally:
         first.send_signal(signal.SIGCONT)
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out[-2000:]
     assert_same(snapshot(wd / "frames.zarr" / "syn"), clean[1])
-    again = run_lift3d(["run", "frames", "-c", p])   # the stage is free again: a no-op
+    again = run_lift3d(["run", "frames", "-c", p])  # the stage is free again: a no-op
     assert again.returncode == 0 and "up to date" in again.out, again.out[-2000:]
 
 
 def test_two_pretraining_runs_on_one_run_folder_are_refused(tmp_path):
-    from lift3d.store import StoreError, stage_lock
-    from train import pretrain as P
+    from lift3d.core.store import StoreError, stage_lock
+    from lift3d.train import pretrain as P
 
     cfg = C.load(None, [f"workdir={tmp_path}", "pretrain.run_name=r"])
-    with stage_lock(tmp_path, "pretrain-r"):     # as another process holding that run would
+    with stage_lock(tmp_path, "pretrain-r"):  # as another process holding that run would
         with pytest.raises(StoreError, match=r"'pretrain-r' is already running"):
             P.run(cfg)
-    assert not (tmp_path / "runs").exists()       # refused before anything was written
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
 # -- a full disk --------------------------------------------------------------------------------
@@ -129,7 +143,7 @@ def test_disk_full_is_one_clear_line_and_the_rerun_completes(clean, tmp_path, st
     assert f"{stage} failed" in line and str(wd / ".parts" / stage / "syn") in line, line
     assert "File too large" in line and "disk is full" in line and "re-run" in line, line
     assert incomplete(wd, stage)
-    res = run_lift3d(["run", stage, "-c", p])           # space freed: the same command again
+    res = run_lift3d(["run", stage, "-c", p])  # space freed: the same command again
     assert res.returncode == 0, res.out[-2000:]
     assert_same(snapshot(wd / f"{stage}.zarr" / "syn"), clean[1] if stage == "frames" else clean[2])
 
@@ -138,7 +152,7 @@ def test_disk_full_is_one_clear_line_and_the_rerun_completes(clean, tmp_path, st
 def test_unwritable_store_is_one_clear_line_and_resumes_from_the_parts(clean, tmp_path):
     p, wd = trial(clean, tmp_path, "perm")
     (wd / "frames.zarr").mkdir()
-    (wd / "frames.zarr").chmod(0o555)          # e.g. made by another user
+    (wd / "frames.zarr").chmod(0o555)  # e.g. made by another user
     res = run_lift3d(["run", "frames", "-c", p], unprivileged=True)
     assert res.returncode == 1, res.out[-2000:]
     line = error_line(res.out)

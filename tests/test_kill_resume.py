@@ -23,23 +23,48 @@ import pytest
 import yaml
 import zarr
 
-TINY = {"datasets": [{"name": "syn", "kind": "synthetic", "root": None, "frame_skip": 2, "split": "all",
-                      "scenes": 3, "seed": 1, "frames_per_scene": 24, "depth_size": [48, 64]}],
-        "cluster": {"n_workers": 0},
-        # 33 frames in shards of 4: 9 teacher parts
-        "teacher": {"device": "cpu", "input_size": [32, 64], "batch_size": 2, "shard_frames": 4},
-        # 8 M parameters (a 64 MB checkpoint); a checkpoint every 2 of the 6 steps
-        "pretrain": {"model": "Res16UNet14A", "feature_dim": 16, "proj_dim": 16, "voxel_size": 0.2,
-                     "batch_size": 2, "n_sub": 128, "iterations": 6, "device": "cpu", "checkpoint_every": 2,
-                     "run_name": "tiny"}}
+TINY = {
+    "datasets": [
+        {
+            "name": "syn",
+            "kind": "synthetic",
+            "root": None,
+            "frame_skip": 2,
+            "split": "all",
+            "scenes": 3,
+            "seed": 1,
+            "frames_per_scene": 24,
+            "depth_size": [48, 64],
+        }
+    ],
+    "cluster": {"n_workers": 0},
+    # 33 frames in shards of 4: 9 teacher parts
+    "teacher": {"device": "cpu", "input_size": [32, 64], "batch_size": 2, "shard_frames": 4},
+    # 8 M parameters (a 64 MB checkpoint); a checkpoint every 2 of the 6 steps
+    "pretrain": {
+        "model": "Res16UNet14A",
+        "feature_dim": 16,
+        "proj_dim": 16,
+        "voxel_size": 0.2,
+        "batch_size": 2,
+        "n_sub": 128,
+        "iterations": 6,
+        "device": "cpu",
+        "checkpoint_every": 2,
+        "run_name": "tiny",
+    },
+}
 KEYS = ("config_sha256", "lineage_sha256", "skipped", "scenes", "complete")
 PARTS = {"frames": "frames", "points": "points", "teacher": "teacher/efficientnet_lite0"}
 
 
 def done_parts(wd, stage):
     if stage == "pretrain":  # the step of the last checkpoint: pretraining's unit of done work
-        info = json.loads((wd / "runs/pretrain/tiny/run.json").read_text()) \
-            if (wd / "runs/pretrain/tiny/run.json").exists() else {}
+        info = (
+            json.loads((wd / "runs/pretrain/tiny/run.json").read_text())
+            if (wd / "runs/pretrain/tiny/run.json").exists()
+            else {}
+        )
         return int(info.get("step", 0))
     return sum('"done": true' in p.read_text() for p in wd.glob(f".parts/{PARTS[stage]}/syn/*/*/zarr.json"))
 
@@ -132,8 +157,8 @@ def test_killed_frames_and_points_resume_to_the_clean_store(clean, tmp_path):
 def in_process(cfg_path, stage):
     """The same stage runner `lift3d run` calls, in this process: the teacher and the 3D network
     are built once per test session (a process per re-run would cost ~6 s of imports each)."""
-    from lift3d import config as C
-    from lift3d import stages as S
+    from lift3d.core import config as C
+    from lift3d.core import graph as S
 
     return S.run_stage(C.load(str(cfg_path), []), stage)
 
@@ -231,7 +256,7 @@ def test_killed_then_changed_configuration_never_mixes_stale_parts(tmp_path):
     rc = lift3d(p, "frames", kill_at=(1, 0.0))
     assert rc == -signal.SIGKILL
     stale = list(wd.glob(".parts/frames/syn/*"))
-    assert len(stale) == 1 and done_parts(wd, "frames") >= 1   # stale done parts exist
+    assert len(stale) == 1 and done_parts(wd, "frames") >= 1  # stale done parts exist
     lift3d(p, "frames", args=["-o", "datasets.0.frame_skip=3"])
     got = snapshot(wd / "frames.zarr" / "syn")
     same_store(got, want, "changed config")
@@ -241,7 +266,6 @@ def test_killed_then_changed_configuration_never_mixes_stale_parts(tmp_path):
 
 def test_pretraining_disk_full_is_one_clear_line_and_resumes(pretrain_wd, tmp_path):
     import torch
-
     from faults import error_line, run_lift3d
 
     src, (want, want_metrics, _) = pretrain_wd
@@ -256,7 +280,7 @@ def test_pretraining_disk_full_is_one_clear_line_and_resumes(pretrain_wd, tmp_pa
     assert "pretrain failed" in line and f"{ckpt}: cannot write" in line, line
     assert "File too large" in line and "disk is full" in line and "re-run resumes" in line, line
     assert not ckpt.exists() and not ckpt.with_name("checkpoint.pt.tmp").exists()  # nothing half-written
-    in_process(p, "pretrain")                               # space freed: the same command again
+    in_process(p, "pretrain")  # space freed: the same command again
     got, metrics, info = weights(wd)
     assert info["complete"] and metrics == want_metrics
     for k in want:

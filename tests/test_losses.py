@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.losses import ppkd, ppnce, soft_ce, topk_to_dense
+from lift3d.train.losses import ppkd, ppnce, soft_ce, topk_to_dense
 
 torch.set_num_threads(1)
 
@@ -17,6 +17,7 @@ def unit(x):
 
 
 # --- ppnce ----------------------------------------------------------------------------------
+
 
 def test_ppnce_hand_worked_n2():
     # f1 = (1, 0), f2 = (0, 1); g1 = (cos 60, sin 60), g2 = (0, 1).
@@ -72,6 +73,7 @@ def test_ppnce_gradients():
 
 # --- soft_ce / topk_to_dense ----------------------------------------------------------------
 
+
 def test_soft_ce_matches_loop_and_hard_labels():
     torch.manual_seed(3)
     logits = torch.randn(5, 4).double()
@@ -83,7 +85,8 @@ def test_soft_ce_matches_loop_and_hard_labels():
     assert float(soft_ce(logits, t)) == pytest.approx(total / 5, rel=1e-12)
     labels = torch.tensor([0, 3, 1, 1, 2])
     assert float(soft_ce(logits, F.one_hot(labels, 4).double())) == pytest.approx(
-        float(F.cross_entropy(logits, labels)), rel=1e-12)
+        float(F.cross_entropy(logits, labels)), rel=1e-12
+    )
 
 
 def test_soft_ce_gradient_is_softmax_minus_target():
@@ -99,9 +102,7 @@ def test_topk_to_dense_hand_worked():
     prob = torch.tensor([[0.5, 0.3], [0.2, 0.2], [0.0, 0.0]], dtype=torch.float16)
     index = torch.from_numpy(np.array([[3, 0], [1, 4], [2, 1]], dtype=np.uint16))
     dense = topk_to_dense(prob, index, 5)
-    expected = torch.tensor([[0.375, 0, 0, 0.625, 0],
-                             [0, 0.5, 0, 0, 0.5],
-                             [0, 0.5, 0.5, 0, 0]])
+    expected = torch.tensor([[0.375, 0, 0, 0.625, 0], [0, 0.5, 0, 0, 0.5], [0, 0.5, 0.5, 0, 0]])
     torch.testing.assert_close(dense, expected, rtol=0, atol=1e-3)
     torch.testing.assert_close(dense.sum(1), torch.ones(3))
     with pytest.raises(ValueError):
@@ -109,6 +110,7 @@ def test_topk_to_dense_hand_worked():
 
 
 # --- ppkd -----------------------------------------------------------------------------------
+
 
 def test_ppkd_matches_loop_formula():
     torch.manual_seed(5)
@@ -131,12 +133,13 @@ def test_ppkd_probabilities_and_zero_cases():
     assert float(ppkd(s, s.clone(), 2.0)) == pytest.approx(0.0, abs=1e-6)
     p = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
     logq = torch.log_softmax(s, 1)
-    kl = [sum(float(p[i, c]) * (math.log(float(p[i, c])) - float(logq[i, c]))
-              for c in range(4) if p[i, c] > 0) for i in range(3)]
+    kl = [
+        sum(float(p[i, c]) * (math.log(float(p[i, c])) - float(logq[i, c])) for c in range(4) if p[i, c] > 0)
+        for i in range(3)
+    ]
     assert float(ppkd(s, p, 1.0, teacher_is_prob=True)) == pytest.approx(sum(kl) / 3, rel=1e-5)
     # probabilities and their logs as logits are the same teacher at any temperature
-    assert float(ppkd(s, p, 3.0, teacher_is_prob=True)) == pytest.approx(
-        float(ppkd(s, torch.log(p), 3.0)), rel=1e-5)
+    assert float(ppkd(s, p, 3.0, teacher_is_prob=True)) == pytest.approx(float(ppkd(s, torch.log(p), 3.0)), rel=1e-5)
 
 
 def test_ppkd_gradient_and_frozen_teacher():

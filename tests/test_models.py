@@ -11,21 +11,27 @@ import torch.nn.functional as F
 
 ME = pytest.importorskip("MinkowskiEngine")
 
-from train.models import (MODELS, BasicBlock, Res16UNet34C, build_model,  # noqa: E402
-                          export_pointcontrast, load_pointcontrast)
+from lift3d.nets.res16unet import (  # noqa: E402
+    MODELS,
+    BasicBlock,
+    Res16UNet34C,
+    build_model,
+    export_pointcontrast,
+    load_pointcontrast,
+)
 
 torch.set_num_threads(1)
 # MinkowskiEngine 0.5.4 instantiates autograd Functions, which torch deprecates; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-MANIFEST = Path(__file__).resolve().parents[1] / "train" / "pointcontrast_manifest.json"
+MANIFEST = Path(__file__).resolve().parent / "fixtures" / "pointcontrast_manifest.json"
 
 
 # --- helpers: dense <-> sparse on fully occupied grids ---------------------------------------
 
+
 def full_grid(batch, X, Y, Z):
     """Coordinates (b, x, y, z) of every cell of `batch` X x Y x Z grids."""
-    b, x, y, z = torch.meshgrid(torch.arange(batch), torch.arange(X), torch.arange(Y),
-                                torch.arange(Z), indexing="ij")
+    b, x, y, z = torch.meshgrid(torch.arange(batch), torch.arange(X), torch.arange(Y), torch.arange(Z), indexing="ij")
     return torch.stack([b, x, y, z], -1).reshape(-1, 4).int()
 
 
@@ -33,8 +39,7 @@ def sparse_from_dense(dense):
     """SparseTensor holding every cell of a dense (B, C, X, Y, Z) tensor."""
     B, C, X, Y, Z = dense.shape
     coords = full_grid(B, X, Y, Z)
-    feats = dense[coords[:, 0].long(), :, coords[:, 1].long(), coords[:, 2].long(),
-                  coords[:, 3].long()]
+    feats = dense[coords[:, 0].long(), :, coords[:, 1].long(), coords[:, 2].long(), coords[:, 3].long()]
     return ME.SparseTensor(feats.contiguous(), coordinates=coords)
 
 
@@ -55,7 +60,7 @@ def me_kernel_to_torch(kernel, K):
     (a, b, c) - (K-1)/2 for odd K (0-based (a, b, c) for even K), and computes the
     cross-correlation out[u] = sum_k x[u + offset_k] @ W_k -- conv3d's weight[:, :, a, b, c]."""
     kv, cin, cout = kernel.shape
-    assert kv == K ** 3
+    assert kv == K**3
     w = torch.empty(cout, cin, K, K, K, dtype=kernel.dtype)
     for k in range(kv):
         a, b, c = k % K, (k // K) % K, k // (K * K)
@@ -65,6 +70,7 @@ def me_kernel_to_torch(kernel, K):
 
 # --- layers against dense computations ------------------------------------------------------
 
+
 def test_conv3x3x3_equals_dense_conv3d():
     torch.manual_seed(0)
     dense = torch.randn(2, 3, 4, 5, 3)
@@ -73,8 +79,7 @@ def test_conv3x3x3_equals_dense_conv3d():
         conv.kernel.normal_()
         conv.bias.normal_()
     out = conv(sparse_from_dense(dense))
-    ref = F.conv3d(dense, me_kernel_to_torch(conv.kernel.detach(), 3),
-                   conv.bias.detach().view(-1), padding=1)
+    ref = F.conv3d(dense, me_kernel_to_torch(conv.kernel.detach(), 3), conv.bias.detach().view(-1), padding=1)
     got = dense_from_sparse(out, ref.shape)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
@@ -106,8 +111,7 @@ def test_strided_conv_and_transpose_equal_dense():
     y = down(x)
     assert y.tensor_stride == [2, 2, 2]
     ref_down = F.conv3d(dense, me_kernel_to_torch(down.kernel.detach(), 2), stride=2)
-    torch.testing.assert_close(dense_from_sparse(y, ref_down.shape), ref_down,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense_from_sparse(y, ref_down.shape), ref_down, rtol=1e-5, atol=1e-5)
     z = up(y)
     assert z.tensor_stride == [1, 1, 1]
     # conv_transpose3d weight is (in, out, K, K, K): out[2u + i] += x[u] @ W_i.
@@ -119,8 +123,13 @@ def test_strided_conv_and_transpose_equal_dense():
 def test_basic_block_equals_dense():
     torch.manual_seed(2)
     dense = torch.randn(2, 4, 3, 4, 3)
-    block = BasicBlock(4, 6, downsample=torch.nn.Sequential(
-        ME.MinkowskiConvolution(4, 6, kernel_size=1, dimension=3), ME.MinkowskiBatchNorm(6)))
+    block = BasicBlock(
+        4,
+        6,
+        downsample=torch.nn.Sequential(
+            ME.MinkowskiConvolution(4, 6, kernel_size=1, dimension=3), ME.MinkowskiBatchNorm(6)
+        ),
+    )
     with torch.no_grad():
         for m in block.modules():
             if isinstance(m, ME.MinkowskiBatchNorm):
@@ -132,12 +141,12 @@ def test_basic_block_equals_dense():
     out = block(sparse_from_dense(dense))
 
     def bn(t, m):
-        return F.batch_norm(t, m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias,
-                            training=False, eps=m.bn.eps)
+        return F.batch_norm(
+            t, m.bn.running_mean, m.bn.running_var, m.bn.weight, m.bn.bias, training=False, eps=m.bn.eps
+        )
 
     with torch.no_grad():
-        h = F.relu(bn(F.conv3d(dense, me_kernel_to_torch(block.conv1.kernel, 3), padding=1),
-                      block.norm1))
+        h = F.relu(bn(F.conv3d(dense, me_kernel_to_torch(block.conv1.kernel, 3), padding=1), block.norm1))
         h = bn(F.conv3d(h, me_kernel_to_torch(block.conv2.kernel, 3), padding=1), block.norm2)
         w_ds = block.downsample[0].kernel.t()[:, :, None, None, None]  # (in, out) -> 1x1x1
         res = bn(F.conv3d(dense, w_ds), block.downsample[1])
@@ -146,6 +155,7 @@ def test_basic_block_equals_dense():
 
 
 # --- registered networks --------------------------------------------------------------------
+
 
 def random_sparse(n_per_batch=150, batch=2, extent=12, channels=3, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -158,9 +168,15 @@ def random_sparse(n_per_batch=150, batch=2, extent=12, channels=3, seed=0):
     return coords, feats
 
 
-EXPECTED_DIMS = {"Res16UNet14": 256, "Res16UNet14A": 96, "Res16UNet18": 256,
-                 "Res16UNet18A": 96, "Res16UNet34": 256, "Res16UNet34A": 64,
-                 "Res16UNet34C": 96}
+EXPECTED_DIMS = {
+    "Res16UNet14": 256,
+    "Res16UNet14A": 96,
+    "Res16UNet18": 256,
+    "Res16UNet18A": 96,
+    "Res16UNet34": 256,
+    "Res16UNet34A": 64,
+    "Res16UNet34C": 96,
+}
 
 
 def test_registry_contents():
@@ -216,18 +232,19 @@ def test_normalize_feature_gives_unit_rows():
 
 # --- PointContrast interchange --------------------------------------------------------------
 
+
 def test_export_matches_pointcontrast_manifest():
     manifest = json.loads(MANIFEST.read_text())
     assert manifest["model"] == "Res16UNet34C"
     entries = [(k, list(s)) for k, s in manifest["entries"]]
     # The manifest itself: 37.8 M parameters, as PointContrast's Res16UNet34C reports.
-    n = sum(math.prod(s) for k, s in entries
-            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    n = sum(math.prod(s) for k, s in entries if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert n == manifest["num_parameters"]
 
     torch.manual_seed(0)
-    net = Res16UNet34C(manifest["in_channels"], manifest["out_channels"],
-                       conv1_kernel_size=manifest["conv1_kernel_size"])
+    net = Res16UNet34C(
+        manifest["in_channels"], manifest["out_channels"], conv1_kernel_size=manifest["conv1_kernel_size"]
+    )
     wrapped = {"module." + k: v for k, v in net.state_dict().items()}
     exported = export_pointcontrast(wrapped)
     got = [(k, list(v.shape)) for k, v in exported.items()]

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import zarr
 
-from lift3d import config as C
-from lift3d.stages import groups
-from lift3d.store import GroupWriter, PartWriter, StoreError, open_group
-from pipeline import points as P
-from pipeline.frames import templates as frame_templates
+from lift3d.core import config as C
+from lift3d.core.graph import groups
+from lift3d.core.store import GroupWriter, PartWriter, StoreError, open_group
+from lift3d.pipeline import points as P
+from lift3d.pipeline.frames import templates as frame_templates
 
 # -- an independent ray caster: axis-aligned boxes in the camera frame -------------------------
-ROOM = (np.array([-3.0, -1.5, -4.0]), np.array([3.5, 1.2, 5.0]))        # seen from inside
-BOX_LEFT = (np.array([-1.6, -0.2, 1.5]), np.array([-0.9, 0.6, 2.2]))    # left of the camera (x < 0)
-BOX_UP = (np.array([0.1, -1.2, 2.0]), np.array([0.8, -0.7, 2.6]))       # above it (y < 0: up)
+ROOM = (np.array([-3.0, -1.5, -4.0]), np.array([3.5, 1.2, 5.0]))  # seen from inside
+BOX_LEFT = (np.array([-1.6, -0.2, 1.5]), np.array([-0.9, 0.6, 2.2]))  # left of the camera (x < 0)
+BOX_UP = (np.array([0.1, -1.2, 2.0]), np.array([0.8, -0.7, 2.6]))  # above it (y < 0: up)
 
 
 def cast(dirs):
@@ -39,7 +39,7 @@ def cast(dirs):
 
 def pano_dirs(h, w):
     """Unit rays of an equirectangular image, written in camera terms: azimuth a grows to the
-    right (0 at the centre column), elevation e grows downwards (DESIGN.md's u = -a, v = e)."""
+    right (0 at the centre column), elevation e grows downwards (the stores' (docs/stores.md) u = -a, v = e)."""
     r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     a = 2 * np.pi * (c + 0.5) / w - np.pi
     e = np.pi * (r + 0.5) / h - np.pi / 2
@@ -97,18 +97,18 @@ def look_at(eye, target):
 def test_pinhole_posed_floor_plane_lands_on_the_floor():
     h, w, k = 48, 64, (60.0, 60.0, 31.5, 23.5)
     pose = look_at(np.array([0.3, -0.2, 1.5]), [1.0, 6.0, 0.5])
-    dirs = pinhole_dirs(h, w, k).reshape(-1, 3) @ pose[:3, :3].T        # world directions, z_cam = 1
+    dirs = pinhole_dirs(h, w, k).reshape(-1, 3) @ pose[:3, :3].T  # world directions, z_cam = 1
     with np.errstate(divide="ignore"):
-        t = np.where(dirs[:, 2] < 0, -pose[2, 3] / dirs[:, 2], 0.0)     # hit z_w = 0; t = z_cam
+        t = np.where(dirs[:, 2] < 0, -pose[2, 3] / dirs[:, 2], 0.0)  # hit z_w = 0; t = z_cam
     depth = to_mm(t).reshape(h, w)
     rgb = np.zeros((h, w, 3), np.uint8)
     fp = P.lift_frame(rgb, depth, np.array(k, np.float32), 0, 0.05, 0.1, 6.0)
     world = fp.coords.astype(np.float64) @ pose[:3, :3].T + pose[:3, 3]
     assert len(world) > 100
-    np.testing.assert_allclose(world[:, 2], 0.0, atol=2e-3)             # on the floor (mm quantisation)
+    np.testing.assert_allclose(world[:, 2], 0.0, atol=2e-3)  # on the floor (mm quantisation)
     mm = depth.reshape(-1)
-    assert fp.no_depth == int((mm == 0).sum()) > 0                       # sky above the horizon
-    assert fp.out_of_range == int(((mm > 6000)).sum()) > 0
+    assert fp.no_depth == int((mm == 0).sum()) > 0  # sky above the horizon
+    assert fp.out_of_range == int((mm > 6000).sum()) > 0
     np.testing.assert_allclose(fp.coords, relift(depth, fp.pixel, k, 0), atol=1e-5)
     # each survivor is alone in its voxel
     vox = np.floor(fp.coords.astype(np.float64) / 0.05)
@@ -117,10 +117,9 @@ def test_pinhole_posed_floor_plane_lands_on_the_floor():
 
 def test_depth_range_counts_and_boundaries():
     depth = np.array([[0, 50, 99, 100, 3000, 6000, 6001, 65535]], np.uint16)
-    fp = P.lift_frame(np.zeros((1, 8, 3), np.uint8), depth, np.array([10, 10, 3.5, 0], np.float32), 0,
-                      1e-4, 0.1, 6.0)
+    fp = P.lift_frame(np.zeros((1, 8, 3), np.uint8), depth, np.array([10, 10, 3.5, 0], np.float32), 0, 1e-4, 0.1, 6.0)
     assert fp.no_depth == 1 and fp.out_of_range == 4 and fp.voxel_merged == 0
-    assert fp.pixel[:, 1].tolist() == [3, 4, 5]                          # both ends kept
+    assert fp.pixel[:, 1].tolist() == [3, 4, 5]  # both ends kept
     np.testing.assert_allclose(fp.coords[:, 2], [0.1, 3.0, 6.0], atol=1e-6)
     assert fp.counts()["pixels"] == 8
 
@@ -141,12 +140,12 @@ PIN_H, PIN_W = 90, 120
 
 
 def render_pano():
-    t, hit = cast(pano_dirs(PH, PW).reshape(-1, 3))                    # unit rays: t = distance
+    t, hit = cast(pano_dirs(PH, PW).reshape(-1, 3))  # unit rays: t = distance
     return to_mm(t).reshape(PH, PW), hit.reshape(PH, PW)
 
 
 def render_pinhole():
-    t, hit = cast(pinhole_dirs(PIN_H, PIN_W, PK).reshape(-1, 3))        # z = 1 rays: t = z
+    t, hit = cast(pinhole_dirs(PIN_H, PIN_W, PK).reshape(-1, 3))  # z = 1 rays: t = z
     return to_mm(t).reshape(PIN_H, PIN_W), hit.reshape(PIN_H, PIN_W)
 
 
@@ -168,7 +167,7 @@ def test_panorama_agrees_with_pinhole_view_of_an_asymmetric_scene():
     pin, pin_hit = render_pinhole()
     nan4 = np.full(4, np.nan, np.float32)
     fp = P.lift_frame(np.zeros((PH, PW, 3), np.uint8), pano, nan4, 1, 1e-4, 0.1, 20.0)
-    assert len(fp.coords) == PH * PW                                     # the room is closed
+    assert len(fp.coords) == PH * PW  # the room is closed
     # every point: the depth at its pixel re-lifted, and the distance along its ray
     np.testing.assert_allclose(fp.coords, relift(pano, fp.pixel, nan4, 1), atol=1e-5)
     dist = np.linalg.norm(fp.coords.astype(np.float64), axis=1)
@@ -193,8 +192,9 @@ def test_a_mirrored_panorama_mapping_would_be_caught(flip):
     pano, _ = render_pano()
     pin, pin_hit = render_pinhole()
     bad = pano[:, ::-1] if flip == "columns" else pano[::-1]
-    fp = P.lift_frame(np.zeros((PH, PW, 3), np.uint8), np.ascontiguousarray(bad), np.full(4, np.nan), 1,
-                      1e-4, 0.1, 20.0)
+    fp = P.lift_frame(
+        np.zeros((PH, PW, 3), np.uint8), np.ascontiguousarray(bad), np.full(4, np.nan), 1, 1e-4, 0.1, 20.0
+    )
     err, hit = agreement(fp.coords, pin, pin_hit)
     assert np.mean(err < 0.1) < 0.9 and all(np.median(err[hit == b]) > 0.5 for b in (1, 2))
 
@@ -202,7 +202,7 @@ def test_a_mirrored_panorama_mapping_would_be_caught(flip):
 def test_panorama_pixel_centres_by_hand():
     h, w = 4, 8
     rays = P.pixel_rays(h, w, None, 1).reshape(3, h, w)
-    # pixel (row 1, col 2) by the formulas of DESIGN.md, then (x_cam, y_cam, z_cam) = (-y, -z, x)
+    # pixel (row 1, col 2) by the formulas of docs/stores.md, then (x_cam, y_cam, z_cam) = (-y, -z, x)
     u = math.pi - 2 * math.pi * 2.5 / 8
     v = math.pi * 1.5 / 4 - math.pi / 2
     x, y, z = math.cos(v) * math.cos(u), math.cos(v) * math.sin(u), -math.sin(v)
@@ -222,8 +222,8 @@ def brute_force(coords, voxel):
 def test_voxel_downsample_matches_brute_force(method):
     rng = np.random.default_rng(1)
     coords = rng.uniform(-0.4, 0.6, (4000, 3)).astype(np.float32)
-    coords[:300] = (rng.integers(-8, 12, (300, 3)) * 0.05).astype(np.float32)   # on voxel faces
-    coords[300:600] = coords[rng.integers(0, 300, 300)]                           # exact duplicates
+    coords[:300] = (rng.integers(-8, 12, (300, 3)) * 0.05).astype(np.float32)  # on voxel faces
+    coords[300:600] = coords[rng.integers(0, 300, 300)]  # exact duplicates
     keep = P.voxel_downsample(coords, 0.05, method)
     assert keep.tolist() == brute_force(coords, 0.05)
     assert P.voxel_downsample(coords[:0], 0.05, method).shape == (0,)
@@ -244,7 +244,7 @@ def test_lift_frame_keeps_smallest_pixel_per_voxel():
     depth[rng.random((h, w)) < 0.2] = 0
     rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     coords, idx, _, _ = P.lift(depth, np.array(k), 0, 0.1, 6.0)
-    ref = idx[brute_force(coords.T.astype(np.float64), 0.03)]           # first pixel per voxel
+    ref = idx[brute_force(coords.T.astype(np.float64), 0.03)]  # first pixel per voxel
     for method in ("sort", "unique"):
         fp = P.lift_frame(rgb, depth, np.array(k), 0, 0.03, 0.1, 6.0, method=method)
         assert (fp.pixel[:, 0] * w + fp.pixel[:, 1]).tolist() == ref.tolist()
@@ -272,7 +272,7 @@ def tiny_frames():
                 t, _ = cast(pano_dirs(H, W).reshape(-1, 3))
                 depth, proj, intr = to_mm(t).reshape(H, W), 1, np.full(4, np.nan, np.float32)
             if s == "scene_a" and i == 1:
-                depth[:] = 0                                             # no surviving point
+                depth[:] = 0  # no surviving point
             frames.append((rng.integers(0, 256, (H, W, 3), dtype=np.uint8), depth, intr, proj))
         out[s] = frames
     return out
@@ -296,9 +296,15 @@ def write_frames(cfg):
     for scene, frames in data.items():
         pw = PartWriter(writer.part_path(scene))
         for j, (rgb, depth, intr, proj) in enumerate(frames):
-            pw.append(rgb=rgb[None], depth=depth[None], intrinsics=np.asarray(intr, np.float32)[None],
-                      pose=np.eye(4, dtype=np.float32)[None], projection=np.array([proj], np.uint8),
-                      scene_index=np.zeros(1, np.int32), source_index=np.array([j * 10], np.int32))
+            pw.append(
+                rgb=rgb[None],
+                depth=depth[None],
+                intrinsics=np.asarray(intr, np.float32)[None],
+                pose=np.eye(4, dtype=np.float32)[None],
+                projection=np.array([proj], np.uint8),
+                scene_index=np.zeros(1, np.int32),
+                source_index=np.array([j * 10], np.int32),
+            )
         pw.finish(frame_templates(H, W), scene=scene)
     writer.commit(sorted(data), attrs={"stored_size": [H, W], "kind": "synthetic"})
     # frames-store order: scenes sorted
@@ -320,7 +326,7 @@ def test_stage_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
     off = g["offsets"][...]
     assert off.dtype == np.int64 and off.shape == (6,) and off[0] == 0 and off[-1] == g["coords"].shape[0]
     assert g["coords"].dtype == np.float32 and g["colors"].dtype == np.uint8 and g["pixel"].dtype == np.int32
-    assert off[2] == off[1]                                              # scene_a frame 1: empty entry
+    assert off[2] == off[1]  # scene_a frame 1: empty entry
     s = cfg["points"]
     for i, (rgb, depth, intr, proj) in enumerate(frames):
         a, b = off[i], off[i + 1]
@@ -348,15 +354,17 @@ def test_stage_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
 
     shutil.rmtree(C.workdir(cfg) / "points.zarr")
     pg = groups(cfg, "points")[0]
-    writer = GroupWriter(C.workdir(cfg), "points", "tiny", pg.config, fz.attrs["config_sha256"],
-                         pg.upstream.lineage_sha256)
+    writer = GroupWriter(
+        C.workdir(cfg), "points", "tiny", pg.config, fz.attrs["config_sha256"], pg.upstream.lineage_sha256
+    )
     writer.prepare_parts()
     settings = {k: float(s[k]) for k in ("voxel_size", "min_depth", "max_depth")}
-    P.scene_task(cfg["workdir"], "tiny", pg.upstream.lineage_sha256, 0, 3, "scene_a",
-                 str(writer.part_path("scene_a")), settings)
+    P.scene_task(
+        cfg["workdir"], "tiny", pg.upstream.lineage_sha256, 0, 3, "scene_a", str(writer.part_path("scene_a")), settings
+    )
     junk = PartWriter(writer.part_path("scene_b"), chunk_rows={"coords": 4})
     junk.append(coords=np.ones((7, 3), np.float32), counts=np.array([7], np.int64))
-    junk.flush()                                                         # never finished
+    junk.flush()  # never finished
     calls = []
     real = P.scene_task
     monkeypatch.setattr(P, "scene_task", lambda *a: calls.append(a[5]) or real(*a))

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import zarr
 
-from lift3d import config as C
-from pipeline import frames as F
-from pipeline import points as P
+from lift3d.core import config as C
+from lift3d.pipeline import frames as F
+from lift3d.pipeline import points as P
 
 
 def test_plane_at_known_depth_and_pose():
@@ -47,9 +47,11 @@ def test_voxel_downsample_matches_brute_force():
 
 
 # -- panorama vs pinhole on an asymmetric scene -----------------------------------------------
-SPHERES = [(np.array([-1.2, 0.0, 2.5]), 0.5),   # to the left (OpenCV -x) and ahead
-           (np.array([0.3, -1.2, 2.5]), 0.4),   # above (OpenCV -y)
-           (np.zeros(3), 8.0)]                  # the room around the camera (hit from inside)
+SPHERES = [
+    (np.array([-1.2, 0.0, 2.5]), 0.5),  # to the left (OpenCV -x) and ahead
+    (np.array([0.3, -1.2, 2.5]), 0.4),  # above (OpenCV -y)
+    (np.zeros(3), 8.0),
+]  # the room around the camera (hit from inside)
 
 
 def hit_distance(dirs):
@@ -57,7 +59,7 @@ def hit_distance(dirs):
     best = np.full(len(dirs), np.inf)
     for c, r in SPHERES:
         b = dirs @ c
-        disc = b ** 2 - (c @ c - r * r)
+        disc = b**2 - (c @ c - r * r)
         ok = disc >= 0
         sq = np.sqrt(np.where(ok, disc, 0))
         t0, t1 = b - sq, b + sq
@@ -117,9 +119,18 @@ def test_panorama_and_pinhole_lift_the_same_asymmetric_scene():
 @pytest.fixture(scope="module")
 def stage_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("pts")
-    cfg = C.load(None, [f"workdir={wd}", "datasets.0.scenes=2", "datasets.0.frames_per_scene=12",
-                        "datasets.0.depth_size=[48, 64]", "datasets.0.split=all", "cluster.n_workers=0",
-                        "points.voxel_size=0.05"])
+    cfg = C.load(
+        None,
+        [
+            f"workdir={wd}",
+            "datasets.0.scenes=2",
+            "datasets.0.frames_per_scene=12",
+            "datasets.0.depth_size=[48, 64]",
+            "datasets.0.split=all",
+            "cluster.n_workers=0",
+            "points.voxel_size=0.05",
+        ],
+    )
     F.run(cfg)
     rows = P.run(cfg)
     return wd, cfg, rows
@@ -135,7 +146,7 @@ def test_stage_points_hold_their_pixels_depth(stage_run):
     assert pt["coords"].dtype == np.float32 and pt["colors"].dtype == np.uint8 and pt["pixel"].dtype == np.int32
     assert rows[0]["frames"] == n and rows[0]["points"] == off[-1]
     for i in range(n):
-        c, col, pix = (pt[k][off[i]:off[i + 1]] for k in ("coords", "colors", "pixel"))
+        c, col, pix = (pt[k][off[i] : off[i + 1]] for k in ("coords", "colors", "pixel"))
         assert len(c) > 100
         depth, rgb = fr["depth"][i], fr["rgb"][i]
         fx, fy, cx, cy = fr["intrinsics"][i].astype(np.float64)

@@ -12,24 +12,45 @@ import pytest
 import torch
 import zarr
 
-from lift3d import config as C
-from lift3d import stages as S
-from lift3d.store import StoreError
-from train import augment as A
-from train import data as D
-from train import pretrain as P
+from lift3d.core import config as C
+from lift3d.core import graph as S
+from lift3d.core.store import StoreError
+from lift3d.train import augment as A
+from lift3d.train import data as D
+from lift3d.train import pretrain as P
 
 
 def make_cfg(wd, **pretrain) -> dict:
     cfg = C.defaults()
     cfg["workdir"] = str(wd)
-    cfg["datasets"] = [{"name": "tiny", "kind": "synthetic", "root": None, "frame_skip": 1, "split": "all",
-                        "scenes": 1, "seed": 0, "frames_per_scene": 10, "depth_size": [48, 64]}]
+    cfg["datasets"] = [
+        {
+            "name": "tiny",
+            "kind": "synthetic",
+            "root": None,
+            "frame_skip": 1,
+            "split": "all",
+            "scenes": 1,
+            "seed": 0,
+            "frames_per_scene": 10,
+            "depth_size": [48, 64],
+        }
+    ]
     cfg["cluster"]["n_workers"] = 0
     cfg["teacher"].update({"device": "cpu", "batch_size": 5, "input_size": [96, 128]})
-    cfg["pretrain"].update({"model": "Res16UNet14", "feature_dim": 16, "proj_dim": 16, "voxel_size": 0.2,
-                            "batch_size": 2, "n_sub": 128, "iterations": 6, "device": "cpu",
-                            "checkpoint_every": 50})
+    cfg["pretrain"].update(
+        {
+            "model": "Res16UNet14",
+            "feature_dim": 16,
+            "proj_dim": 16,
+            "voxel_size": 0.2,
+            "batch_size": 2,
+            "n_sub": 128,
+            "iterations": 6,
+            "device": "cpu",
+            "checkpoint_every": 50,
+        }
+    )
     cfg["pretrain"].update(pretrain)
     return cfg
 
@@ -44,9 +65,11 @@ def wd(tmp_path_factory):
 
 
 def stores(wd):
-    return (zarr.open_group(str(wd / "frames.zarr/tiny"), mode="r"),
-            zarr.open_group(str(wd / "teacher.zarr/efficientnet_lite0/tiny"), mode="r"),
-            zarr.open_group(str(wd / "points.zarr/tiny"), mode="r"))
+    return (
+        zarr.open_group(str(wd / "frames.zarr/tiny"), mode="r"),
+        zarr.open_group(str(wd / "teacher.zarr/efficientnet_lite0/tiny"), mode="r"),
+        zarr.open_group(str(wd / "points.zarr/tiny"), mode="r"),
+    )
 
 
 def rot(axis, deg):
@@ -56,18 +79,18 @@ def rot(axis, deg):
 # -- geometry ---------------------------------------------------------------------------------
 def test_gravity_frame_puts_floor_normal_on_z():
     rng = np.random.default_rng(0)
-    floor_w = np.c_[rng.uniform(-2, 2, (500, 2)), np.zeros(500)]          # world floor z = 0
+    floor_w = np.c_[rng.uniform(-2, 2, (500, 2)), np.zeros(500)]  # world floor z = 0
     # an OpenCV camera looking forward-down, rolled a little, 1.4 m above the floor
     look = rot([0, 0, 1], 25) @ rot([1, 0, 0], -110) @ rot([0, 0, 1], 8)
     pose = np.eye(4)
     pose[:3, :3], pose[:3, 3] = look, [0.7, -0.3, 1.4]
-    cam = ((floor_w - pose[:3, 3]) @ pose[:3, :3]).astype(np.float32)   # R^T (x - t)
+    cam = ((floor_w - pose[:3, 3]) @ pose[:3, :3]).astype(np.float32)  # R^T (x - t)
     _, _, vt = np.linalg.svd(cam - cam.mean(0))
-    assert abs(vt[2] @ [0, 0, 1]) < 0.9                                  # tilted in the camera frame
+    assert abs(vt[2] @ [0, 0, 1]) < 0.9  # tilted in the camera frame
     g = D.to_frame(cam, pose.astype(np.float32), "gravity")
     _, _, vt = np.linalg.svd(g - g.mean(0))
-    assert abs(vt[2] @ [0, 0, 1]) > 1 - 1e-6                             # floor normal along z
-    np.testing.assert_allclose(g[:, 2], -1.4, atol=1e-5)                 # camera at origin, 1.4 m up
+    assert abs(vt[2] @ [0, 0, 1]) > 1 - 1e-6  # floor normal along z
+    np.testing.assert_allclose(g[:, 2], -1.4, atol=1e-5)  # camera at origin, 1.4 m up
     np.testing.assert_allclose(D.to_frame(cam, pose.astype(np.float32), "world"), floor_w, atol=1e-5)
     np.testing.assert_array_equal(D.to_frame(cam, pose, "camera"), cam)
     # rotation about the up axis keeps heights (z up; -y in the camera frame)
@@ -81,13 +104,14 @@ def test_trilinear_exact_on_affine_and_elastic_is_smooth():
     grid_pts = np.stack(np.meshgrid(*[np.arange(5.0)] * 3, indexing="ij"), -1) * 0.5 + 1.0
     field = grid_pts @ np.array([[1.0, 2.0], [-1.0, 0.5], [3.0, 0.0]]) + 0.25
     q = rng.uniform(1.0, 3.0, (100, 3))
-    np.testing.assert_allclose(A.trilinear(field, np.ones(3), 0.5, q),
-                               q @ np.array([[1.0, 2.0], [-1.0, 0.5], [3.0, 0.0]]) + 0.25, atol=1e-9)
+    np.testing.assert_allclose(
+        A.trilinear(field, np.ones(3), 0.5, q), q @ np.array([[1.0, 2.0], [-1.0, 0.5], [3.0, 0.0]]) + 0.25, atol=1e-9
+    )
     pts = rng.uniform(0, 3, (2000, 3)).astype(np.float32)
     out = A.elastic_distortion(pts, 0.2, 0.4, np.random.default_rng(2))
     disp = out - pts
     assert 0.005 < np.abs(disp).mean() < 0.2
-    near = np.linalg.norm(pts[1:] - pts[:-1], axis=1) < 0.05               # close pairs move alike
+    near = np.linalg.norm(pts[1:] - pts[:-1], axis=1) < 0.05  # close pairs move alike
     if near.any():
         assert np.abs(disp[1:][near] - disp[:-1][near]).mean() < np.abs(disp).mean()
 
@@ -96,7 +120,7 @@ def test_label_cells_hand_computed():
     # H = 48 rows onto h = 2 cells: cell 0 covers pixel centres up to 23, cell 1 from 24
     r, c = D.label_cells(np.array([[0, 0], [23, 31], [24, 32], [47, 63]]), (48, 64), (2, 3))
     assert r.tolist() == [0, 0, 1, 1]
-    assert c.tolist() == [0, 1, 1, 2]     # (31.5 * 3 / 64) = 1.48, (32.5 * 3 / 64) = 1.52
+    assert c.tolist() == [0, 1, 1, 2]  # (31.5 * 3 / 64) = 1.48, (32.5 * 3 / 64) = 1.52
     # a cell's own centre pixel (i + 0.5) H / h - 0.5 maps back to cell i
     H, h = 60, 4
     centres = (np.arange(h) + 0.5) * H / h - 0.5
@@ -110,7 +134,7 @@ def test_epoch_order_is_a_block_shuffled_permutation():
     assert o.tolist() != list(range(96))
     # pools of 2 blocks: each run of 16 frames comes from at most 2 blocks
     for s in range(0, 96, 16):
-        assert len(set((o[s:s + 16] // 8).tolist())) <= 2
+        assert len(set((o[s : s + 16] // 8).tolist())) <= 2
     assert not np.array_equal(o, D.epoch_order(96, 0, 1, 8, 2))
     np.testing.assert_array_equal(o, D.epoch_order(96, 0, 0, 8, 2))
 
@@ -127,14 +151,14 @@ def test_collation_keeps_voxel_pixel_mapping(wd):
     np.testing.assert_array_equal(batch["coords"][:, 0].numpy(), batch["frame"].numpy())
     assert float(batch["feats"].min()) >= -0.5 and float(batch["feats"].max()) <= 0.5
     for b, (_, i) in enumerate(ids):
-        coords, pixel, colors = (po[n][off[i]:off[i + 1]] for n in ("coords", "pixel", "colors"))
+        coords, pixel, colors = (po[n][off[i] : off[i + 1]] for n in ("coords", "pixel", "colors"))
         R = fr["pose"][i][:3, :3].astype(np.float64)
         by_pixel = {tuple(p): k for k, p in enumerate(pixel.tolist())}
         m = batch["frame"].numpy() == b
         vox, pix, feats = batch["coords"][m, 1:].numpy(), batch["pixel"][m].numpy(), batch["feats"][m].numpy()
         ks = np.array([by_pixel[tuple(p)] for p in pix.tolist()])
         world_up = coords[ks].astype(np.float64) @ R.T
-        np.testing.assert_array_equal(np.floor(world_up / 0.2).astype(int), vox)   # point lies in its voxel
+        np.testing.assert_array_equal(np.floor(world_up / 0.2).astype(int), vox)  # point lies in its voxel
         np.testing.assert_allclose(feats, colors[ks] / 255.0 - 0.5, atol=1e-6)
         # every occupied voxel of the frame is there exactly once
         all_vox = np.unique(np.floor(coords.astype(np.float64) @ R.T / 0.2).astype(int), axis=0)
@@ -203,7 +227,7 @@ def test_incomplete_or_stale_teacher_is_refused(wd, tmp_path):
     assert state != "done" and any("teacher" in w for w in why)
     grp.attrs.update({"complete": True})
     cfg2 = make_cfg(work)
-    cfg2["teacher"]["top_k"] = 3          # the cache is now from another teacher configuration
+    cfg2["teacher"]["top_k"] = 3  # the cache is now from another teacher configuration
     with pytest.raises(StoreError, match="teacher"):
         D.open_sources(cfg2)
 
@@ -219,9 +243,9 @@ def test_resume_after_kill_matches_straight_run_and_status(wd):
     assert len((d / "metrics.csv").read_text().strip().splitlines()) == 7
 
     killed = make_cfg(wd, run_name="killed", method="ppnce")
-    P.train(killed, stop_at=3)                                  # 'killed' after step 3
+    P.train(killed, stop_at=3)  # 'killed' after step 3
     assert P.status(killed)[0] == "out of date"
-    row = P.run(killed)[0]                                      # resumes at step 3
+    row = P.run(killed)[0]  # resumes at step 3
     assert row["status"] == "trained" and row["steps"] == 6
     a = torch.load(d / "model.pt", weights_only=False)["model"]
     b = torch.load(P.run_dir(killed) / "model.pt", weights_only=False)["model"]
@@ -231,14 +255,14 @@ def test_resume_after_kill_matches_straight_run_and_status(wd):
     m1 = (d / "metrics.csv").read_text().splitlines()
     m2 = (P.run_dir(killed) / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[:2] for r in m1] == [r.split(",")[:2] for r in m2]
-    assert P.run(straight)[0]["status"] == "up to date"          # a re-run is a no-op
+    assert P.run(straight)[0]["status"] == "up to date"  # a re-run is a no-op
 
 
 def test_run_status_of_a_run_folder(tmp_path):
     """The run-folder verdict pretrain, finetune and distill2d share, case by case."""
     import json
 
-    from train.pretrain import run_status
+    from lift3d.train.pretrain import run_status
 
     d = tmp_path / "run"
     assert run_status(d, "r", []) == ("missing", ["r has not been run"], None)
@@ -249,7 +273,9 @@ def test_run_status_of_a_run_folder(tmp_path):
     (d / "run.json").write_text(json.dumps({"complete": False, "step": 3, "phase": "baseline"}))
     assert run_status(d, "r", [])[:2] == ("out of date", ["r is incomplete (baseline step 3)"])
     (d / "run.json").write_text(json.dumps({"complete": True, "upstream": {"a": 1}}))
-    assert run_status(d, "r", [], ({"a": 2}, "was made from other inputs"))[:2] == \
-        ("out of date", ["r was made from other inputs"])
+    assert run_status(d, "r", [], ({"a": 2}, "was made from other inputs"))[:2] == (
+        "out of date",
+        ["r was made from other inputs"],
+    )
     assert run_status(d, "r", ["y"], ({"a": 1}, "-"))[:2] == ("out of date", ["y"])
     assert run_status(d, "r", [], ({"a": 1}, "-")) == ("done", [], {"complete": True, "upstream": {"a": 1}})

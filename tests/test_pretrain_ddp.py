@@ -1,7 +1,7 @@
 """Data-parallel pretraining: 2 processes with the gloo backend on a tiny store.
 
 The two processes are started with torch.multiprocessing.spawn and torchrun's environment
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so ``train.pretrain.run`` joins the
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so ``lift3d.train.pretrain.run`` joins the
 group exactly as under ``torchrun -m lift3d.cli run pretrain``. Expectations are computed here,
 in one process, without torch.distributed:
 
@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from lift3d import stages as S
-from train import data as D
-from train import pretrain as P
 from test_pretrain import make_cfg as base_cfg
+
+from lift3d.core import graph as S
+from lift3d.train import data as D
+from lift3d.train import pretrain as P
 
 NOAUG = {"rotate_up": False, "scale": False, "elastic": False, "color_methods": [], "flip_2d": False}
 WORLD = 2
@@ -33,8 +33,18 @@ WORLD = 2
 
 def make_cfg(wd, **pretrain) -> dict:
     """test_pretrain's tiny config with 4-frame global batches (2 per rank)."""
-    return base_cfg(wd, **{"batch_size": 4, "n_sub": 64, "iterations": 4, "method": "ppnce", "optimizer": "sgd",
-                           "lr": 0.05, **pretrain})
+    return base_cfg(
+        wd,
+        **{
+            "batch_size": 4,
+            "n_sub": 64,
+            "iterations": 4,
+            "method": "ppnce",
+            "optimizer": "sgd",
+            "lr": 0.05,
+            **pretrain,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +64,15 @@ def _free_port() -> int:
 
 def _worker(rank: int, wd: str, port: int, out: str) -> None:
     """One rank: a hand-driven DDP step pair, then three trainer runs through P.run / P.train."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     import torch.distributed as tdist
 
@@ -101,7 +118,7 @@ def shard_batches(cfg, src, b: int):
     n = len(frames) // WORLD
     out = []
     for r in range(WORLD):
-        fs = [ds.read_frame(int(g)) for g in frames[r * n:(r + 1) * n]]
+        fs = [ds.read_frame(int(g)) for g in frames[r * n : (r + 1) * n]]
         for f in fs:
             f["coords"] = D.to_frame(f["coords"], f["pose"], cfg["pretrain"]["frame"])
         out.append(D.collate(fs, float(cfg["pretrain"]["voxel_size"]), cfg["pretrain"]["method"]))
@@ -109,7 +126,7 @@ def shard_batches(cfg, src, b: int):
 
 
 def single_process_grads(cfg, src, batch):
-    learner, _ = P.build(cfg, src)        # same seed: the same initial weights as every rank
+    learner, _ = P.build(cfg, src)  # same seed: the same initial weights as every rank
     loss = P.compute_loss(learner, batch, cfg["pretrain"], torch.device("cpu"), step=0)
     loss.backward()
     return float(loss), {n: q.grad.detach().clone() for n, q in learner.named_parameters()}
@@ -134,7 +151,7 @@ def test_first_step_gradient_is_the_mean_of_the_shards(wd, ddp_out):
     src = D.open_sources(cfg)
     shards = shard_batches(cfg, src, 0)
     for r in range(WORLD):
-        assert [tuple(x) for x in res[r]["ids"][0]] == shards[r]["ids"]   # rank r read the r-th half of batch 0
+        assert [tuple(x) for x in res[r]["ids"][0]] == shards[r]["ids"]  # rank r read the r-th half of batch 0
     (l0, g0), (l1, g1) = (single_process_grads(cfg, src, b) for b in shards)
     assert res[0]["loss0"] == pytest.approx(l0, rel=1e-5) and res[1]["loss0"] == pytest.approx(l1, rel=1e-5)
     differ = 0
@@ -143,7 +160,7 @@ def test_first_step_gradient_is_the_mean_of_the_shards(wd, ddp_out):
         for r in range(WORLD):
             torch.testing.assert_close(res[r]["grads"][n], want, rtol=1e-5, atol=1e-7, msg=n)
         differ += not torch.allclose(g0[n], g1[n], rtol=1e-3, atol=1e-6)
-    assert differ > len(g0) // 2      # the shards really disagree: a rank's own gradient would fail
+    assert differ > len(g0) // 2  # the shards really disagree: a rank's own gradient would fail
 
 
 def test_ranks_hold_identical_weights_and_batch_norm_is_per_rank(ddp_out):
@@ -161,7 +178,7 @@ def test_trainer_logs_the_mean_loss_once_and_resumes(wd, ddp_out):
     src = D.open_sources(cfg)
     runs = wd / "runs" / "pretrain"
     rows = (runs / "ddp-noaug" / "metrics.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("step,loss") and len(rows) == 3        # header + 2 steps, one writer
+    assert rows[0].startswith("step,loss") and len(rows) == 3  # header + 2 steps, one writer
     l0, _ = single_process_grads(cfg, src, shard_batches(cfg, src, 0)[0])
     l1, _ = single_process_grads(cfg, src, shard_batches(cfg, src, 0)[1])
     assert float(rows[1].split(",")[1]) == pytest.approx((l0 + l1) / 2, abs=2e-6)

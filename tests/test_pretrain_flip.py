@@ -2,7 +2,7 @@
 
 The store comes from the real stages with ``teacher.flip_pass: true``; expectations are computed
 here from the raw arrays (rgb, intrinsics, pose, points, the teacher's ``*_flip`` arrays) with
-numpy, independently of train.data's code.
+numpy, independently of lift3d.train.data's code.
 """
 
 import logging
@@ -10,13 +10,13 @@ import sys
 
 import numpy as np
 import pytest
-
-from lift3d import stages as S
-from train import augment as A
-from train import data as D
-from train import pretrain as P
 from test_pretrain import make_cfg as base_cfg
 from test_pretrain import stores
+
+from lift3d.core import graph as S
+from lift3d.train import augment as A
+from lift3d.train import data as D
+from lift3d.train import pretrain as P
 
 FLIP_ONLY = {"rotate_up": False, "scale": False, "elastic": False, "color_methods": [], "flip_2d": True}
 M = np.diag([-1.0, 1.0, 1.0])
@@ -44,9 +44,12 @@ def test_mirrored_frame_projects_to_flipped_pixel_and_keeps_gravity_up():
     rng = np.random.default_rng(0)
     pix = np.c_[rng.integers(0, H, 300), rng.integers(0, W, 300)]
     depth = rng.uniform(0.5, 4.0, 300)
-    cam = np.c_[(pix[:, 1] - cx) / fx, (pix[:, 0] - cy) / fy, np.ones(300)] * depth[:, None]   # d K^-1 [c, r, 1]
-    look = A.axis_angle_matrix(np.array([0, 0, 1.0]), 0.4) @ A.axis_angle_matrix(np.array([1, 0, 0.0]), -1.9) \
-        @ A.axis_angle_matrix(np.array([0, 0, 1.0]), 0.15)                 # forward-down, rolled 0.15 rad
+    cam = np.c_[(pix[:, 1] - cx) / fx, (pix[:, 0] - cy) / fy, np.ones(300)] * depth[:, None]  # d K^-1 [c, r, 1]
+    look = (
+        A.axis_angle_matrix(np.array([0, 0, 1.0]), 0.4)
+        @ A.axis_angle_matrix(np.array([1, 0, 0.0]), -1.9)
+        @ A.axis_angle_matrix(np.array([0, 0, 1.0]), 0.15)
+    )  # forward-down, rolled 0.15 rad
     pose = np.eye(4)
     pose[:3, :3], pose[:3, 3] = look, [0.7, -0.3, 1.4]
     c2, p2, pose2 = D.mirror_frame(cam.astype(np.float32), pix.astype(np.int32), pose.astype(np.float32), W)
@@ -74,7 +77,7 @@ def test_flipped_frame_against_the_flipped_image(wd):
     H, W = fr["rgb"].shape[1:3]
     for i in (0, 4, 9):
         f = ds.read_frame(i, flip=True)
-        coords, colors, pixel = (po[n][off[i]:off[i + 1]] for n in ("coords", "colors", "pixel"))
+        coords, colors, pixel = (po[n][off[i] : off[i + 1]] for n in ("coords", "colors", "pixel"))
         flipped_rgb = fr["rgb"][i][:, ::-1]
         r, c = f["pixel"][:, 0], f["pixel"][:, 1]
         # the flipped image holds each point's colour at its new pixel, the original at the mirrored column
@@ -90,8 +93,9 @@ def test_flipped_frame_against_the_flipped_image(wd):
         np.testing.assert_array_equal(ds.read_frame(i)["features"], te["features"][i])
         # gravity frame: the mirror image of the unflipped frame
         pose = fr["pose"][i].astype(np.float64)
-        np.testing.assert_allclose(D.to_frame(f["coords"], f["pose"], "gravity"),
-                                   coords.astype(np.float64) @ pose[:3, :3].T @ M.T, atol=1e-4)
+        np.testing.assert_allclose(
+            D.to_frame(f["coords"], f["pose"], "gravity"), coords.astype(np.float64) @ pose[:3, :3].T @ M.T, atol=1e-4
+        )
 
 
 def test_stream_flips_half_and_targets_come_from_the_flip_pass(wd):
@@ -111,11 +115,14 @@ def test_stream_flips_half_and_targets_come_from_the_flip_pass(wd):
             seen.append(flipped)
             rows = np.flatnonzero(batch["frame"].numpy() == slot)
             pix = batch["pixel"][rows].numpy()
-            orig = po["pixel"][off[i]:off[i + 1]]
-            cols = W - 1 - pix[:, 1] if flipped else pix[:, 1]     # back in the original image
+            orig = po["pixel"][off[i] : off[i + 1]]
+            cols = W - 1 - pix[:, 1] if flipped else pix[:, 1]  # back in the original image
             assert set(map(tuple, np.c_[pix[:, 0], cols].tolist())) <= set(map(tuple, orig.tolist()))
-            pname, iname = ("soft_labels/prob_flip", "soft_labels/index_flip") if flipped else \
-                ("soft_labels/prob", "soft_labels/index")
+            pname, iname = (
+                ("soft_labels/prob_flip", "soft_labels/index_flip")
+                if flipped
+                else ("soft_labels/prob", "soft_labels/index")
+            )
             for v in rows[:: max(1, len(rows) // 10)]:
                 r, c = batch["pixel"][v].tolist()
                 cr, cc = int(np.floor((r + 0.5) * hs / H)), int(np.floor((c + 0.5) * ws / W))
@@ -123,7 +130,7 @@ def test_stream_flips_half_and_targets_come_from_the_flip_pass(wd):
                 want = np.zeros(K)
                 want[te[iname][i, :, cr, cc].astype(int)] = p / p.sum()
                 np.testing.assert_allclose(dense[v], want, atol=1e-6)
-    assert 0 < sum(seen) < len(seen)                                  # both flipped and unflipped frames
+    assert 0 < sum(seen) < len(seen)  # both flipped and unflipped frames
     # the decisions do not depend on the process count; flip_2d: false turns them off
     halves = [D.PretrainStream(cfg, rank=r, world=2) for r in range(2)]
     for b in range(8):
@@ -136,11 +143,10 @@ def test_flip_asked_without_a_flip_pass_is_logged_not_silent(wd, caplog):
     cfg = make_cfg(wd, method="ppnce")
     src = D.open_sources(cfg)
     assert src[0].flip_pass
-    src[0].flip_pass = False                                          # as a cache without the flip pass
+    src[0].flip_pass = False  # as a cache without the flip pass
     with caplog.at_level(logging.INFO, logger="lift3d"):
         ds = D.PretrainStream(cfg, src)
-    assert any("2D flip is OFF" in r.getMessage() and "teacher.flip_pass" in r.getMessage()
-               for r in caplog.records)
+    assert any("2D flip is OFF" in r.getMessage() and "teacher.flip_pass" in r.getMessage() for r in caplog.records)
     assert not any(ds.make_batch(b)["flipped"][0] for b in range(6))
     with pytest.raises(Exception, match="no flip pass"):
         ds.read_frame(0, flip=True)
@@ -150,14 +156,14 @@ def test_identity_ignores_flip_2d_without_a_flip_pass(wd):
     without = make_cfg(wd, flip_pass=False)
     legacy = make_cfg(wd, flip_pass=False)
     del legacy["pretrain"]["augment"]["flip_2d"]
-    assert P.identity(without) == P.identity(legacy)                   # old run folders keep their names
+    assert P.identity(without) == P.identity(legacy)  # old run folders keep their names
     assert P.run_dir(without) == P.run_dir(legacy)
     on, off = make_cfg(wd), make_cfg(wd, augment={**FLIP_ONLY, "flip_2d": False})
     assert P.run_dir(on) != P.run_dir(off)
 
 
 def test_training_with_flips_and_tensorboard_off_is_said_once(wd, caplog, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if the package were missing
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were missing
     cfg = make_cfg(wd, method="ppnce", run_name="flip-ppnce")
     ds = D.PretrainStream(cfg)
     assert any(ds.flips(b).any() for b in range(3))
@@ -174,7 +180,7 @@ def test_tensorboard_scalars_match_metrics_csv(wd):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = make_cfg(wd, method="soft_ce", run_name="tb-soft", iterations=4)
-    P.train(cfg, stop_at=2)                                             # killed after 2 steps, then resumed
+    P.train(cfg, stop_at=2)  # killed after 2 steps, then resumed
     P.run(cfg)
     d = P.run_dir(cfg)
     rows = [r.split(",") for r in (d / "metrics.csv").read_text().strip().splitlines()[1:]]

@@ -1,8 +1,9 @@
 """Progress bars in a log file: whole lines, no carriage-return redraws."""
+
 import io
 import sys
 
-from lift3d import progress
+from lift3d.core import progress
 
 
 def test_bar_writes_plain_lines_when_stderr_is_not_a_terminal(monkeypatch):

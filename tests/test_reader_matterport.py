@@ -5,18 +5,20 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.readers import Frame, ReaderError, Skip
-from pipeline.matterport import Reader
+from lift3d.pipeline.readers.base import Frame, ReaderError, Skip
+from lift3d.pipeline.readers.matterport import Reader
 
 H, W = 16, 20
 HOUSE = "17DRP5sb8fy"
-K1 = (25.0, 26.0, 9.5, 5.0)   # as written in the .conf: cy counted from the bottom row
+K1 = (25.0, 26.0, 9.5, 5.0)  # as written in the .conf: cy counted from the bottom row
 K2 = (40.0, 40.0, 10.0, 8.0)
 
 
 def opencv(k):
     """The same intrinsics with rows counted from the top: cy -> H - 1 - cy."""
     return (k[0], k[1], k[2], H - 1 - k[3])
+
+
 # camera at (1, 2, 3) looking along world +x with world z up, in OpenGL axes (x right, y up, z back)
 POSE_GL = np.array([[0, 0, -1, 1], [-1, 0, 0, 2], [0, 1, 0, 3], [0, 0, 0, 1.0]])
 # the same camera in OpenCV axes (x right, y down, z forward), worked by hand
@@ -36,8 +38,12 @@ def write_house(root, bad=None, intrinsics_first=True, house=HOUSE):
     d = root / house
     for sub in ("undistorted_color_images", "undistorted_depth_images", "undistorted_camera_parameters"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    lines = ["dataset matterport", "n_images 4", "depth_directory undistorted_depth_images",
-             "color_directory undistorted_color_images"]
+    lines = [
+        "dataset matterport",
+        "n_images 4",
+        "depth_directory undistorted_depth_images",
+        "color_directory undistorted_color_images",
+    ]
     if intrinsics_first:
         lines.append(kline(*K1))
     for i in range(4):
@@ -123,8 +129,8 @@ def test_bottom_origin_cy_projects_like_matterports_convention(tmp_path):
     write_house(tmp_path)
     f = next(iter(reader(tmp_path).frames(HOUSE, 1)))
     fx, fy, cx, cy = K1
-    p_world = np.array([2.0, 1.7, 3.4, 1.0])               # 1 m ahead, a bit right and up
-    x, y, z = (np.linalg.inv(POSE_GL) @ p_world)[:3]       # OpenGL camera: looks along -z, y up
+    p_world = np.array([2.0, 1.7, 3.4, 1.0])  # 1 m ahead, a bit right and up
+    x, y, z = (np.linalg.inv(POSE_GL) @ p_world)[:3]  # OpenGL camera: looks along -z, y up
     row_from_bottom = cy + fy * y / -z
     col = cx + fx * x / -z
     X, Y, Z = (np.linalg.inv(f.pose.astype(float)) @ p_world)[:3]

@@ -9,8 +9,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from pipeline.readers import EQUIRECT, Frame, ReaderError, Skip  # noqa: E402
-from pipeline.matterport_pano import Reader  # noqa: E402
+from lift3d.pipeline.readers.base import EQUIRECT, Frame, ReaderError, Skip  # noqa: E402
+from lift3d.pipeline.readers.matterport_pano import Reader  # noqa: E402
 
 H, W = 8, 16
 HOUSE = "house_a"
@@ -27,8 +27,9 @@ def write_pano(d, name, i, depth="exr", hw=(H, W), pose=None, rgb_bytes=None, sc
     img[..., 0] = 10 * i + 5
     img[..., 1] = np.arange(hw[1])[None, :] * 10
     img[..., 2] = 200
-    (d / f"{name}_rgb.png").write_bytes(rgb_bytes if rgb_bytes is not None else
-                                        cv2.imencode(".png", img[..., ::-1])[1].tobytes())
+    (d / f"{name}_rgb.png").write_bytes(
+        rgb_bytes if rgb_bytes is not None else cv2.imencode(".png", img[..., ::-1])[1].tobytes()
+    )
     m = metres(i) if hw == (H, W) else np.ones(hw, np.float32)
     if depth == "exr":
         (d / f"{name}_depth.exr").write_bytes(cv2.imencode(".exr", m)[1].tobytes())

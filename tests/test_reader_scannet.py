@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.readers import Frame, ReaderError, Skip
-from pipeline.scannet import Reader
+from lift3d.pipeline.readers.base import Frame, ReaderError, Skip
+from lift3d.pipeline.readers.scannet import Reader
 
 DH, DW = 24, 32
 DEPTH_K = (30.0, 30.0, 15.5, 11.5)
@@ -108,11 +108,20 @@ def test_unkept_frames_are_never_decoded_and_skips_only_for_kept_ones(tmp_path):
     bad = {1: "jpeg", 2: "inf", 3: "zlib", 4: "nan", 5: "inf", 6: "zlib", 9: "jpeg"}
     put(tmp_path, sens_bytes(10, (2 * DH, 2 * DW), (60, 60, 31.5, 23.5), bad))
     got = list(reader(tmp_path).frames(SCENE, 3))
-    assert [(g.source_index, g.reason if isinstance(g, Skip) else "ok") for g in got] == \
-        [(0, "ok"), (3, "corrupt_frame"), (6, "corrupt_frame"), (9, "corrupt_frame")]
+    assert [(g.source_index, g.reason if isinstance(g, Skip) else "ok") for g in got] == [
+        (0, "ok"),
+        (3, "corrupt_frame"),
+        (6, "corrupt_frame"),
+        (9, "corrupt_frame"),
+    ]
     got = list(reader(tmp_path).frames(SCENE, 2))
-    assert [(g.source_index, g.reason if isinstance(g, Skip) else "ok") for g in got] == \
-        [(0, "ok"), (2, "nonfinite_pose"), (4, "nonfinite_pose"), (6, "corrupt_frame"), (8, "ok")]
+    assert [(g.source_index, g.reason if isinstance(g, Skip) else "ok") for g in got] == [
+        (0, "ok"),
+        (2, "nonfinite_pose"),
+        (4, "nonfinite_pose"),
+        (6, "corrupt_frame"),
+        (8, "ok"),
+    ]
     f8 = got[-1]
     np.testing.assert_array_equal(f8.depth, depth_of(8))
     np.testing.assert_allclose(f8.pose[:3, 3], [4.0, -1.0, 2.0])

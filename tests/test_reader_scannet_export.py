@@ -5,8 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.readers import Frame, ReaderError, Skip
-from pipeline.scannet_export import Reader
+from lift3d.pipeline.readers.base import Frame, ReaderError, Skip
+from lift3d.pipeline.readers.scannet_export import Reader
 
 DH, DW = 24, 32
 KD = (30.0, 30.0, 15.5, 11.5)

@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.readers import Frame, ReaderError, Skip
-from pipeline.sunrgbd import Reader, decode_depth
+from lift3d.pipeline.readers.base import Frame, ReaderError, Skip
+from lift3d.pipeline.readers.sunrgbd import Reader, decode_depth
 
 
 def encode_depth(mm):
@@ -20,8 +20,9 @@ def encode_depth(mm):
     return (((mm << 3) | (mm >> 13)) & 0xFFFF).astype(np.uint16)
 
 
-def write_folder(folder, depth_mm, rgb=None, k=(50.0, 52.0, 33.0, 25.0), tilt=None, bfx_mm=None,
-                 intrinsics=True, extra_ext=True):
+def write_folder(
+    folder, depth_mm, rgb=None, k=(50.0, 52.0, 33.0, 25.0), tilt=None, bfx_mm=None, intrinsics=True, extra_ext=True
+):
     """One image folder: image/<n>.jpg, depth/<n>.png, depth_bfx/<n>.png, intrinsics.txt, extrinsics/."""
     h, w = depth_mm.shape
     name = folder.name
@@ -74,9 +75,9 @@ def test_decodes_depth_colour_and_1_based_intrinsics(tmp_path):
     assert r.scenes() == ["kv1/NYUdata/NYU0001"]
     f = only(r.frames("kv1/NYUdata/NYU0001", 7))  # one frame per folder: source_index 0 is always kept
     assert isinstance(f, Frame) and f.source_index == 0 and f.projection == 0
-    np.testing.assert_array_equal(f.depth, depth)                    # millimetres, exact
-    assert np.abs(f.rgb.astype(int) - rgb.astype(int)).mean() < 3    # JPEG, RGB order
-    np.testing.assert_allclose(f.intrinsics, [50, 52, 32, 24])       # cx, cy - 1 (1-based K)
+    np.testing.assert_array_equal(f.depth, depth)  # millimetres, exact
+    assert np.abs(f.rgb.astype(int) - rgb.astype(int)).mean() < 3  # JPEG, RGB order
+    np.testing.assert_allclose(f.intrinsics, [50, 52, 32, 24])  # cx, cy - 1 (1-based K)
     # half size: f / 2, c' = (c + 0.5) / 2 - 0.5 -> (32.5 / 2 - 0.5, 24.5 / 2 - 0.5)
     g = only(reader(tmp_path, image_size=[24, 32]).frames("kv1/NYUdata/NYU0001", 1))
     np.testing.assert_allclose(g.intrinsics, [25, 26, 15.75, 11.75])
@@ -154,8 +155,11 @@ def test_frame_faults_are_skipped(tmp_path):
     (tmp_path / "badjpg" / "image" / "badjpg.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     write_folder(tmp_path / "nanpose", np.full((8, 12), 900, np.uint16), tilt=np.full((3, 3), np.nan))
     r = reader(tmp_path, image_size=[8, 12])
-    assert [(s, only(r.frames(s, 1)).reason) for s in r.scenes()] == \
-        [("badjpg", "corrupt_frame"), ("empty", "empty_depth"), ("nanpose", "nonfinite_pose")]
+    assert [(s, only(r.frames(s, 1)).reason) for s in r.scenes()] == [
+        ("badjpg", "corrupt_frame"),
+        ("empty", "empty_depth"),
+        ("nanpose", "nonfinite_pose"),
+    ]
     assert all(isinstance(only(r.frames(s, 1)), Skip) for s in r.scenes())
 
 
@@ -183,7 +187,10 @@ def test_split_files(tmp_path):
         r.scenes()
     # the official lists hold absolute paths: everything up to the last SUNRGBD/ is cut
     (tmp_path / "my_train.txt").write_text("/n/fs/sun3d/data/SUNRGBD/kv1/b/NYU0002/\n# comment\nxtion/c/0003\n")
-    assert reader(tmp_path, split="train", split_train_file="my_train.txt").scenes() == ["kv1/b/NYU0002", "xtion/c/0003"]
+    assert reader(tmp_path, split="train", split_train_file="my_train.txt").scenes() == [
+        "kv1/b/NYU0002",
+        "xtion/c/0003",
+    ]
     (tmp_path / "sunrgbd_val.txt").write_text("kv1/b/NYU0001\nkv1/b/NYU9999\n")
     with pytest.raises(ReaderError, match=r"sunrgbd_val\.txt: 1 of the 2 folders.*NYU9999"):
         reader(tmp_path, split="val").scenes()

@@ -8,12 +8,21 @@ import struct
 import numpy as np
 import pytest
 
-from pipeline.ply_io import read_ply
-from pipeline.readers import Frame, ReaderError, Skip
-from pipeline.synthetic import Reader
+from lift3d.pipeline.readers.base import Frame, ReaderError, Skip
+from lift3d.pipeline.readers.ply import read_ply
+from lift3d.pipeline.readers.synthetic import Reader
 
-ENTRY = {"name": "syn", "kind": "synthetic", "root": None, "frame_skip": 5, "split": "all", "scenes": 2, "seed": 1,
-         "frames_per_scene": 40, "depth_size": [24, 32]}
+ENTRY = {
+    "name": "syn",
+    "kind": "synthetic",
+    "root": None,
+    "frame_skip": 5,
+    "split": "all",
+    "scenes": 2,
+    "seed": 1,
+    "frames_per_scene": 40,
+    "depth_size": [24, 32],
+}
 
 
 def test_prepare_once_then_read_as_scannet(tmp_path):
@@ -73,9 +82,11 @@ def test_sens_header_colour_camera_differs_from_depth(tmp_path):
 
 
 def test_ply_reader_ascii_and_big_endian(tmp_path):
-    head = ("ply\nformat {}\nelement vertex 3\nproperty float x\nproperty float y\nproperty float z\n"
-            "property uchar red\nproperty ushort label\nelement face 1\nproperty list uchar int vertex_indices\n"
-            "end_header\n")
+    head = (
+        "ply\nformat {}\nelement vertex 3\nproperty float x\nproperty float y\nproperty float z\n"
+        "property uchar red\nproperty ushort label\nelement face 1\nproperty list uchar int vertex_indices\n"
+        "end_header\n"
+    )
     (tmp_path / "a.ply").write_text(head.format("ascii 1.0") + "0 0 0 10 1\n1 0 0 20 2\n0 1.5 0 30 40\n3 0 1 2\n")
     be = bytearray(head.format("binary_big_endian 1.0").encode())
     for xyz, red, lab in (((0, 0, 0), 10, 1), ((1, 0, 0), 20, 2), ((0, 1.5, 0), 30, 40)):

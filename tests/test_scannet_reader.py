@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.readers import Frame, ReaderError, Skip
-from pipeline.scannet import Reader
+from lift3d.pipeline.readers.base import Frame, ReaderError, Skip
+from lift3d.pipeline.readers.scannet import Reader
 
 CH, CW, DH, DW = 32, 48, 16, 24  # colour is twice the depth grid, as in ScanNet (1296x968 vs 640x480)
 
@@ -32,7 +32,9 @@ def depth(i):
     return (1000 + 10 * i + np.arange(DH * DW).reshape(DH, DW)).astype("<u2")
 
 
-def write_sens(path, n=7, bad=None, depth_shift=1000.0, truncate_at=None, depth_hw=(DH, DW), k_depth=(20, 20, 11.5, 7.5)):
+def write_sens(
+    path, n=7, bad=None, depth_shift=1000.0, truncate_at=None, depth_hw=(DH, DW), k_depth=(20, 20, 11.5, 7.5)
+):
     """Header then frames, in ScanNet's SensorData layout. ``bad``: {frame: 'pose'|'empty'|'jpeg'}."""
     bad = bad or {}
     out = bytearray()

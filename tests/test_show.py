@@ -4,12 +4,12 @@ teacher colouring uses the cell that covers each point's pixel."""
 import numpy as np
 import pytest
 import zarr
-
-from lift3d import config as C
-from lift3d.store import lineage, open_group
-from pipeline import points as P
-from pipeline.show import show, splat, teacher_cells
 from test_points import H, W, make_cfg, write_frames
+
+from lift3d.core import config as C
+from lift3d.core.store import lineage, open_group
+from lift3d.pipeline import points as P
+from lift3d.pipeline.show import show, splat, teacher_cells
 
 TYPES = {"float": "<f4", "uchar": "u1", "double": "<f8", "int": "<i4", "uint8": "u1", "float32": "<f4"}
 
@@ -46,8 +46,15 @@ def fake_teacher(cfg, n, hs=8, ws=10, k=2):
     top = (3 * i + j % 3).astype(np.uint16)
     index = np.stack([top, top + 100], 0)[None].repeat(n, 0)
     g.require_group("soft_labels").create_array("index", data=index, chunks=(1, k, hs, ws))
-    g.attrs.update({"complete": True, "schema_version": 1, "config_sha256": "fake",
-                    "lineage_sha256": lineage("fake", frames_lineage), "classes": [f"class{c}" for c in range(200)]})
+    g.attrs.update(
+        {
+            "complete": True,
+            "schema_version": 1,
+            "config_sha256": "fake",
+            "lineage_sha256": lineage("fake", frames_lineage),
+            "classes": [f"class{c}" for c in range(200)],
+        }
+    )
     return top
 
 
@@ -67,7 +74,7 @@ def test_show_png_and_ply_round_trip(tmp_path):
     P.run(cfg)
     fake_teacher(cfg, 5)
     g = open_group(C.workdir(cfg), "points", "tiny")
-    for frame in (0, 3):                                                 # pinhole, panorama
+    for frame in (0, 3):  # pinhole, panorama
         png, ply = tmp_path / f"f{frame}.png", tmp_path / f"f{frame}.ply"
         res = show(cfg, "tiny", frame, png, ply=ply)
         assert res["source"] == "points.zarr" and res["teacher"] == cfg["teacher"]["name"]
@@ -110,5 +117,5 @@ def test_splat_keeps_the_nearest_point():
     coords = np.array([[0.0, 0.0, 2.0], [0.0, 0.0, 1.0], [0.0, 0.0, 3.0], [0.6, 0.0, 2.0]])
     vals = np.array([[1.0], [2.0], [3.0], [4.0]])
     img = splat(coords, vals, np.eye(3), np.zeros(3), (10.0, 10.0, 4.0, 4.0), (9, 9), radius=0, background=0)
-    assert img[4, 4, 0] == 2.0 and img[4, 7, 0] == 4.0               # 0.6 m at z = 2: 3 px right
+    assert img[4, 4, 0] == 2.0 and img[4, 7, 0] == 4.0  # 0.6 m at z = 2: 3 px right
     assert (img > 0).sum() == 2

@@ -8,27 +8,36 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from lift3d.store import GroupWriter, PartWriter
+from lift3d.core.store import GroupWriter, PartWriter
 
 
 def _rows(rng, n):
-    return {"rgb": rng.integers(0, 256, (n, 6, 7, 3), dtype=np.uint8),
-            "depth": rng.integers(0, 65535, (n, 6, 7), dtype=np.uint16),
-            "sl/prob": rng.random((n, 2, 3)).astype(np.float16),
-            "idx": np.arange(n, dtype=np.int32) * 7 - 3,
-            "pose": rng.random((n, 4, 4)).astype(np.float32)}
+    return {
+        "rgb": rng.integers(0, 256, (n, 6, 7, 3), dtype=np.uint8),
+        "depth": rng.integers(0, 65535, (n, 6, 7), dtype=np.uint16),
+        "sl/prob": rng.random((n, 2, 3)).astype(np.float16),
+        "idx": np.arange(n, dtype=np.int32) * 7 - 3,
+        "pose": rng.random((n, 4, 4)).astype(np.float32),
+    }
 
 
-TEMPLATES = {"rgb": ((6, 7, 3), np.uint8), "depth": ((6, 7), np.uint16), "sl/prob": ((2, 3), np.float16),
-             "idx": ((), np.int32), "pose": ((4, 4), np.float32), "never": ((5,), np.uint16)}
+TEMPLATES = {
+    "rgb": ((6, 7, 3), np.uint8),
+    "depth": ((6, 7), np.uint16),
+    "sl/prob": ((2, 3), np.float16),
+    "idx": ((), np.int32),
+    "pose": ((4, 4), np.float32),
+    "never": ((5,), np.uint16),
+}
 DIRECT = ("rgb", "depth", "sl/prob", "idx", "never")
 
 
 def test_direct_rows_read_back_with_plain_zarr(tmp_path):
     rng = np.random.default_rng(3)
     data = _rows(rng, 5)
-    pw = PartWriter(tmp_path / "p.zarr", compressors={"rgb": ZstdCodec(level=-1), "depth": ZstdCodec(level=3)},
-                    direct=DIRECT)
+    pw = PartWriter(
+        tmp_path / "p.zarr", compressors={"rgb": ZstdCodec(level=-1), "depth": ZstdCodec(level=3)}, direct=DIRECT
+    )
     pw.append(**{k: v[:2] for k, v in data.items()})  # two appends: rows continue
     pw.append(**{k: v[2:] for k, v in data.items()})
     pw.finish(TEMPLATES, scene="s")
@@ -40,8 +49,14 @@ def test_direct_rows_read_back_with_plain_zarr(tmp_path):
     assert g["rgb"].compressors == (ZstdCodec(level=-1, checksum=False),)
     assert g["depth"].compressors == (ZstdCodec(level=3, checksum=False),)
     # one file per row in the array's own folder (zarr v3 default keys, "." separator)
-    assert sorted(os.listdir(tmp_path / "p.zarr" / "rgb")) == ["c.0.0.0.0", "c.1.0.0.0", "c.2.0.0.0", "c.3.0.0.0",
-                                                                "c.4.0.0.0", "zarr.json"]
+    assert sorted(os.listdir(tmp_path / "p.zarr" / "rgb")) == [
+        "c.0.0.0.0",
+        "c.1.0.0.0",
+        "c.2.0.0.0",
+        "c.3.0.0.0",
+        "c.4.0.0.0",
+        "zarr.json",
+    ]
     assert sorted(os.listdir(tmp_path / "p.zarr" / "idx")) == ["c.0", "c.1", "c.2", "c.3", "c.4", "zarr.json"]
     # a chunk file is a zstd frame of the row's little-endian bytes
     from numcodecs import Zstd

@@ -4,17 +4,36 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from lift3d import stages as S
 from lift3d.cli import main
-from lift3d.sweep import SweepError, grid, run_sweep, split_values
+from lift3d.core import graph as S
+from lift3d.train.sweep import SweepError, grid, run_sweep, split_values
 
 TINY = {
-    "datasets": [{"name": "tiny", "kind": "synthetic", "root": None, "frame_skip": 1, "split": "all",
-                  "scenes": 1, "seed": 0, "frames_per_scene": 6, "depth_size": [48, 64]}],
+    "datasets": [
+        {
+            "name": "tiny",
+            "kind": "synthetic",
+            "root": None,
+            "frame_skip": 1,
+            "split": "all",
+            "scenes": 1,
+            "seed": 0,
+            "frames_per_scene": 6,
+            "depth_size": [48, 64],
+        }
+    ],
     "cluster": {"n_workers": 0},
     "teacher": {"device": "cpu", "batch_size": 6, "input_size": [64, 96]},
-    "pretrain": {"model": "Res16UNet14", "feature_dim": 8, "proj_dim": 8, "voxel_size": 0.25, "batch_size": 2,
-                 "n_sub": 32, "iterations": 2, "device": "cpu"},
+    "pretrain": {
+        "model": "Res16UNet14",
+        "feature_dim": 8,
+        "proj_dim": 8,
+        "voxel_size": 0.25,
+        "batch_size": 2,
+        "n_sub": 32,
+        "iterations": 2,
+        "device": "cpu",
+    },
     "sweeps": {"temps": {"pretrain.temperature": [0.04, 0.07]}},
 }
 
@@ -25,8 +44,10 @@ def test_grid_is_the_cartesian_product():
     assert len(g) == 6
     assert g[0] == ["pretrain.lr=0.1", "pretrain.temperature=0.04"]
     assert g[-1] == ["pretrain.lr=0.5", "pretrain.temperature=0.1"]
-    assert grid([], {"pretrain.temperature": [0.04, 0.07]}) == [["pretrain.temperature=0.04"],
-                                                                ["pretrain.temperature=0.07"]]
+    assert grid([], {"pretrain.temperature": [0.04, 0.07]}) == [
+        ["pretrain.temperature=0.04"],
+        ["pretrain.temperature=0.07"],
+    ]
     with pytest.raises(SweepError, match="swept twice"):
         grid(["pretrain.lr=0.1,0.2", "pretrain.lr=0.3"])
     with pytest.raises(SweepError, match="nothing to sweep"):
@@ -50,7 +71,7 @@ def test_sweep_refuses_without_caches_and_never_runs_upstream(cfg_file):
 
 
 def test_sweep_runs_each_combination_in_its_own_folder(cfg_file):
-    from lift3d import config as C
+    from lift3d.core import config as C
 
     cfg = C.load(cfg_file)
     for stage in ("frames", "teacher", "points"):
@@ -60,7 +81,11 @@ def test_sweep_runs_each_combination_in_its_own_folder(cfg_file):
     rows = run_sweep("pretrain", cfg_file, ["pretrain.lr=0.1,0.05"], name="temps")
     assert len(rows) == 4
     assert {(r["pretrain.temperature"], r["pretrain.lr"]) for r in rows} == {
-        ("0.04", "0.1"), ("0.04", "0.05"), ("0.07", "0.1"), ("0.07", "0.05")}
+        ("0.04", "0.1"),
+        ("0.04", "0.05"),
+        ("0.07", "0.1"),
+        ("0.07", "0.05"),
+    }
     dirs = {r["run_dir"] for r in rows}
     assert len(dirs) == 4 and all(r["steps"] == 2 for r in rows)
     assert {p: p.stat().st_mtime_ns for p in wd.glob("*.zarr/**/zarr.json")} == stamps  # caches untouched

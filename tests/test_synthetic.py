@@ -1,7 +1,7 @@
 """The synthetic generator: deterministic, in ScanNet's formats, geometrically consistent.
 
 The checks parse the files here independently of the generator's writers (PLY header, .sens
-header with struct, the tsv by columns) and compare with pipeline.scannet_labels.
+header with struct, the tsv by columns) and compare with lift3d.pipeline.readers.scannet_labels.
 """
 
 import struct
@@ -11,10 +11,15 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.readers import Frame, Skip
-from pipeline.scannet import Reader
-from pipeline.scannet_labels import (read_2d_labels, read_label_tsv, read_labelled_mesh, nyu40_to_scannet20)
-from pipeline.synthetic import generate
+from lift3d.pipeline.readers.base import Frame, Skip
+from lift3d.pipeline.readers.scannet import Reader
+from lift3d.pipeline.readers.scannet_labels import (
+    nyu40_to_scannet20,
+    read_2d_labels,
+    read_label_tsv,
+    read_labelled_mesh,
+)
+from lift3d.pipeline.synthetic import generate
 
 OPTS = dict(scenes=1, seed=0, frames_per_scene=6)
 SCENE = "scene0000_00"
@@ -67,8 +72,10 @@ def test_same_seed_same_bytes(out, tmp_path):
     again = generate(tmp_path / "b", **OPTS)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     names = {p.relative_to(out).as_posix() for p in files}
-    assert {f"scans/{SCENE}/{SCENE}{s}" for s in (".sens", "_vh_clean_2.ply", "_vh_clean_2.labels.ply",
-                                                   "_2d-label-filt.zip")} <= names
+    assert {
+        f"scans/{SCENE}/{SCENE}{s}"
+        for s in (".sens", "_vh_clean_2.ply", "_vh_clean_2.labels.ply", "_2d-label-filt.zip")
+    } <= names
     assert {"scannetv2-labels.combined.tsv", "scannetv2_train.txt", "scannetv2_val.txt"} <= names
     assert sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file()) == [p.relative_to(out) for p in files]
     for f in files:
@@ -85,7 +92,9 @@ def test_labelled_mesh_and_2d_labels_are_readable_and_mapped(out):
     assert xyz.dtype == np.float32 and rgb.dtype == np.uint8 and nyu.dtype == np.int64
     assert {1, 2} <= set(nyu.tolist()) <= set(range(1, 41))  # wall and floor at least
     bench = nyu40_to_scannet20(nyu)
-    assert ((bench == 255) == ~np.isin(nyu, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39])).all()
+    assert (
+        (bench == 255) == ~np.isin(nyu, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39])
+    ).all()
     assert (bench[nyu == 1] == 0).all() and (bench[nyu == 2] == 1).all()
     # 2D: ScanNet ids mapped through the tsv (checked against a column-wise parse of the tsv)
     tsv_path = out / "scannetv2-labels.combined.tsv"
@@ -132,7 +141,7 @@ def test_backprojected_depth_lands_on_the_mesh_with_the_2d_label(out):
             # the same 3D point in the colour camera (same pose, its own intrinsics): its 2D label
             u, v = fxc * p_cam[0] / z + cxc, fyc * p_cam[1] / z + cyc
             iu, iv = int(round(u)), int(round(v))
-            block = lab[max(iv - 1, 0):iv + 2, max(iu - 1, 0):iu + 2]
+            block = lab[max(iv - 1, 0) : iv + 2, max(iu - 1, 0) : iu + 2]
             if block.size < 9 or (block != block[0, 0]).any():
                 continue  # an object edge in the colour image
             want = table[int(block[0, 0])]

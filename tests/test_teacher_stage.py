@@ -5,6 +5,7 @@ directly with GroupWriter / PartWriter; the stage runs in-process (cluster.n_wor
 with the default EfficientNet-Lite0 teacher at 64 x 96. Outputs are checked against an
 independently built teacher called directly on the same frames.
 """
+
 import copy
 import logging
 import zipfile
@@ -15,14 +16,14 @@ import pytest
 import torch
 import zarr
 
-from lift3d import config as C
-from lift3d import stages as S
-from lift3d.classmaps import ade20k150_names, scannet20_names
-from lift3d.store import GroupWriter, PartWriter, StoreError, open_group
-from pipeline import teacher as TS
-from pipeline.eval_teacher import eval_teacher, nearest_index
-from pipeline.frames import templates as frame_templates
-from pipeline.teachers import build_teacher
+from lift3d.core import config as C
+from lift3d.core import graph as S
+from lift3d.core.classmaps import ade20k150_names, scannet20_names
+from lift3d.core.store import GroupWriter, PartWriter, StoreError, open_group
+from lift3d.pipeline import teacher as TS
+from lift3d.pipeline.frames import templates as frame_templates
+from lift3d.pipeline.teachers.evaluate import eval_teacher, nearest_index
+from lift3d.pipeline.teachers.registry import build_teacher
 
 H, W = 64, 80
 INPUT = [64, 96]
@@ -45,8 +46,9 @@ RGB = images()
 def make_cfg(wd, **teacher) -> dict:
     cfg = C.defaults()
     cfg["workdir"] = str(wd)
-    cfg["datasets"] = [{"name": "tiny", "kind": "synthetic", "root": None, "frame_skip": 1, "split": "all",
-                        "scenes": 2, "seed": 0}]
+    cfg["datasets"] = [
+        {"name": "tiny", "kind": "synthetic", "root": None, "frame_skip": 1, "split": "all", "scenes": 2, "seed": 0}
+    ]
     cfg["cluster"]["n_workers"] = 0
     cfg["teacher"].update({"input_size": list(INPUT), "batch_size": 2, "top_k": 5, "device": "cpu", "shard_frames": 2})
     cfg["teacher"].update(teacher)
@@ -63,10 +65,15 @@ def write_frames(cfg, rgb=RGB, scenes=("scene0000_00", "scene0001_00"), complete
         sl = slice(si * per, (si + 1) * per)
         m = per
         pw = PartWriter(w.part_path(scene))
-        pw.append(rgb=rgb[sl], depth=np.full((m, H, W), 1500, np.uint16),
-                  intrinsics=np.tile(np.array([60, 60, W / 2 - 0.5, H / 2 - 0.5], np.float32), (m, 1)),
-                  pose=np.tile(np.eye(4, dtype=np.float32), (m, 1, 1)), projection=np.zeros(m, np.uint8),
-                  scene_index=np.zeros(m, np.int32), source_index=np.arange(m, dtype=np.int32) * 10)
+        pw.append(
+            rgb=rgb[sl],
+            depth=np.full((m, H, W), 1500, np.uint16),
+            intrinsics=np.tile(np.array([60, 60, W / 2 - 0.5, H / 2 - 0.5], np.float32), (m, 1)),
+            pose=np.tile(np.eye(4, dtype=np.float32), (m, 1, 1)),
+            projection=np.zeros(m, np.uint8),
+            scene_index=np.zeros(m, np.int32),
+            source_index=np.arange(m, dtype=np.int32) * 10,
+        )
         pw.finish(frame_templates(H, W), scene=scene)
     w.commit(list(scenes), attrs={"stored_size": [H, W], "kind": "synthetic"})
     if not complete:
@@ -80,8 +87,11 @@ def tgroup(cfg):
 
 
 def arrays(grp) -> dict:
-    return {n: grp[n][...] for n in ("features", "soft_labels/prob", "soft_labels/index")
-            + tuple(n for n in ("features_flip", "soft_labels/prob_flip", "soft_labels/index_flip") if n in grp)}
+    return {
+        n: grp[n][...]
+        for n in ("features", "soft_labels/prob", "soft_labels/index")
+        + tuple(n for n in ("features_flip", "soft_labels/prob_flip", "soft_labels/index_flip") if n in grp)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +102,7 @@ def teacher():
 @pytest.fixture(scope="module")
 def reference(teacher):
     """The teacher called directly, one frame at a time: float32 features and probabilities."""
-    f, p = zip(*(teacher.forward(RGB[i:i + 1]) for i in range(len(RGB))))
+    f, p = zip(*(teacher.forward(RGB[i : i + 1]) for i in range(len(RGB))))
     return torch.cat(f).numpy(), torch.cat(p).numpy()
 
 
@@ -114,7 +124,7 @@ def test_shapes_dtypes_attrs_and_summary(clean, teacher):
     assert arr["soft_labels/prob"].shape == (6, 5, 2, 3) and arr["soft_labels/prob"].dtype == np.float16
     assert arr["soft_labels/index"].shape == (6, 5, 2, 3) and arr["soft_labels/index"].dtype == np.uint16
     g = tgroup(cfg)
-    assert sorted(g.group_keys()) == ["soft_labels"]          # a real subgroup, no flattened names
+    assert sorted(g.group_keys()) == ["soft_labels"]  # a real subgroup, no flattened names
     assert sorted(g.array_keys()) == ["features"] and "scene_index" not in g
     assert g["features"].chunks == (1, 320, 2, 3) and g["soft_labels/index"].chunks == (1, 5, 2, 3)
     assert S.groups(cfg, "teacher")[0].path == "efficientnet_lite0/tiny"
@@ -126,8 +136,9 @@ def test_shapes_dtypes_attrs_and_summary(clean, teacher):
     assert attrs["shards"] == ["shard-000000", "shard-000001", "shard-000002"]
     assert attrs["config_sha256"] == S.groups(cfg, "teacher")[0].config_sha256
     assert attrs["lineage_sha256"] == S.groups(cfg, "teacher")[0].lineage_sha256
-    open_group(C.workdir(cfg), "teacher", "efficientnet_lite0/tiny",
-               expect_lineage=S.groups(cfg, "teacher")[0].lineage_sha256)
+    open_group(
+        C.workdir(cfg), "teacher", "efficientnet_lite0/tiny", expect_lineage=S.groups(cfg, "teacher")[0].lineage_sha256
+    )
     assert S.stage_status(cfg, "teacher")[0] == "done"
     (row,) = rows
     assert row["status"] == "written" and row["frames"] == row["processed"] == 6 and row["images_per_s"] > 0
@@ -191,13 +202,12 @@ def test_killed_shard_is_redone_and_store_equals_clean_run(clean, tmp_path, monk
     with pytest.raises(Kill):
         TS.run(cfg)
     g = S.groups(cfg, "teacher")[0]
-    w = GroupWriter(C.workdir(cfg), "teacher", g.path, g.config, g.upstream.config_sha256,
-                    g.upstream.lineage_sha256)
+    w = GroupWriter(C.workdir(cfg), "teacher", g.path, g.config, g.upstream.config_sha256, g.upstream.lineage_sha256)
     assert w.part_done("shard-000000") and not w.part_done("shard-000001")
     assert w.part_path("shard-000001").exists() and not w.path.exists()
     monkeypatch.setattr(TS, "PartWriter", PartWriter)
     (row,) = TS.run(cfg)
-    assert row["status"] == "written" and row["processed"] == 4   # shard 0 was kept
+    assert row["status"] == "written" and row["processed"] == 4  # shard 0 was kept
     got, ref = arrays(tgroup(cfg)), clean[2]
     for name in ref:
         np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
@@ -218,7 +228,7 @@ def test_changed_config_rebuilds_and_flip_pass(tmp_path, teacher, reference, cap
     g = tgroup(cfg)
     assert g.attrs["top_k"] == 5 and g.attrs["flip_pass"] is True and "flip" in g.attrs["flip_convention"]
     arr = arrays(g)
-    assert arr["soft_labels/prob"].shape == (6, 5, 2, 3)   # only the new configuration's rows
+    assert arr["soft_labels/prob"].shape == (6, 5, 2, 3)  # only the new configuration's rows
     np.testing.assert_allclose(arr["features"].astype(np.float32), reference[0], rtol=2e-3, atol=2e-3)
     f, p = teacher.forward(np.ascontiguousarray(np.flip(RGB, axis=2)))
     np.testing.assert_allclose(arr["features_flip"].astype(np.float32), f.numpy(), rtol=2e-3, atol=2e-3)
@@ -232,12 +242,12 @@ def test_changed_config_rebuilds_and_flip_pass(tmp_path, teacher, reference, cap
 def test_stale_or_incomplete_frames_are_refused(tmp_path):
     cfg = make_cfg(tmp_path)
     with pytest.raises(StoreError, match="lift3d run frames"):
-        TS.run(cfg)                                     # no frames group at all
+        TS.run(cfg)  # no frames group at all
     write_frames(cfg, complete=False)
     with pytest.raises(StoreError, match="not marked complete.*lift3d run frames"):
         TS.run(cfg)
     write_frames(cfg)
-    cfg["datasets"][0]["frame_skip"] = 2                # the frames group is now from another config
+    cfg["datasets"][0]["frame_skip"] = 2  # the frames group is now from another config
     with pytest.raises(StoreError, match="another configuration.*lift3d run frames"):
         TS.run(cfg)
 
@@ -253,15 +263,19 @@ def test_gpu_path_is_import_safe():
 
 
 def test_store_nested_array_names(tmp_path):
-    """lift3d.store: parts may hold arrays in subgroups ("soft_labels/prob"); commit keeps the
+    """lift3d.core.store: parts may hold arrays in subgroups ("soft_labels/prob"); commit keeps the
     layout, and flat arrays / scene_index behave as before."""
     w = GroupWriter(tmp_path, "teacher", "t/d", {"x": 1})
     w.prepare_parts()
     for s, rows in (("b", 3), ("a", 2)):
         pw = PartWriter(w.part_path(s), chunk_rows={"sub/p": 2})
-        pw.append(**{"flat": np.arange(rows, dtype=np.int32) + (10 if s == "b" else 0),
-                     "sub/p": np.full((rows, 2), ord(s), np.float16),
-                     "scene_index": np.zeros(rows, np.int32)})
+        pw.append(
+            **{
+                "flat": np.arange(rows, dtype=np.int32) + (10 if s == "b" else 0),
+                "sub/p": np.full((rows, 2), ord(s), np.float16),
+                "scene_index": np.zeros(rows, np.int32),
+            }
+        )
         pw.finish({})
     w.commit(["b", "a"], attrs={})
     g = zarr.open_group(str(w.path), mode="r")
@@ -273,6 +287,7 @@ def test_store_nested_array_names(tmp_path):
 
 
 # ----------------------------------------------------------------------------- eval teacher
+
 
 def test_nearest_cell_mapping():
     # 4 cells over 8 pixels: pixels 0,1 -> cell 0 ... ; 3 cells over 8 pixels: centres at 1.17, 3.5, 5.83
@@ -294,19 +309,30 @@ def test_eval_teacher_hand_made_case(tmp_path):
     fw = GroupWriter(C.workdir(cfg), "frames", fg.path, fg.config)
     fw.prepare_parts()
     pw = PartWriter(fw.part_path("scene0000_00"))
-    pw.append(rgb=np.zeros((2, 4, 6, 3), np.uint8), depth=np.zeros((2, 4, 6), np.uint16),
-              intrinsics=np.zeros((2, 4), np.float32), pose=np.tile(np.eye(4, dtype=np.float32), (2, 1, 1)),
-              projection=np.zeros(2, np.uint8), scene_index=np.zeros(2, np.int32),
-              source_index=np.array([0, 10], np.int32))
+    pw.append(
+        rgb=np.zeros((2, 4, 6, 3), np.uint8),
+        depth=np.zeros((2, 4, 6), np.uint16),
+        intrinsics=np.zeros((2, 4), np.float32),
+        pose=np.tile(np.eye(4, dtype=np.float32), (2, 1, 1)),
+        projection=np.zeros(2, np.uint8),
+        scene_index=np.zeros(2, np.int32),
+        source_index=np.array([0, 10], np.int32),
+    )
     pw.finish(frame_templates(4, 6))
     fw.commit(["scene0000_00"], attrs={})
     # teacher group: ADE classes; 0 wall (->ScanNet-20 0 wall), 3 floor (-> 1 floor), 2 sky (-> none)
     tg = S.groups(cfg, "teacher")[0]
-    tw = GroupWriter(C.workdir(cfg), "teacher", tg.path, tg.config, tg.upstream.config_sha256,
-                     tg.upstream.lineage_sha256)
+    tw = GroupWriter(
+        C.workdir(cfg), "teacher", tg.path, tg.config, tg.upstream.config_sha256, tg.upstream.lineage_sha256
+    )
     tw.prepare_parts()
-    top1 = np.array([[[0, 0, 3], [3, 3, 2]],       # frame 0
-                     [[0, 0, 0], [0, 0, 0]]], np.uint16)  # frame 1: all wall
+    top1 = np.array(
+        [
+            [[0, 0, 3], [3, 3, 2]],  # frame 0
+            [[0, 0, 0], [0, 0, 0]],
+        ],
+        np.uint16,
+    )  # frame 1: all wall
     index = np.stack([top1, np.full_like(top1, 7)], axis=1)  # (2, k=2, 2, 3); 2nd choice irrelevant
     pw = PartWriter(tw.part_path("shard-000000"))
     pw.append(**{"soft_labels/index": index, "soft_labels/prob": np.full(index.shape, 0.5, np.float16)})
@@ -315,11 +341,9 @@ def test_eval_teacher_hand_made_case(tmp_path):
     # ground truth: ScanNet id 1 = wall (nyu 1), 2 = floor (nyu 2), 5 = unknown (nyu 0 -> ignored)
     (root / "scans" / "scene0000_00").mkdir(parents=True)
     (root / "scannetv2-labels.combined.tsv").write_text(
-        "id\traw_category\tcategory\tcount\tnyu40id\n1\twall\twall\t1\t1\n2\tfloor\tfloor\t1\t2\n5\tx\tx\t1\t0\n")
-    gt0 = np.array([[1, 1, 1, 1, 1, 1],
-                    [1, 1, 2, 2, 5, 5],
-                    [2, 2, 2, 2, 2, 2],
-                    [2, 2, 2, 2, 1, 1]], np.uint16)
+        "id\traw_category\tcategory\tcount\tnyu40id\n1\twall\twall\t1\t1\n2\tfloor\tfloor\t1\t2\n5\tx\tx\t1\t0\n"
+    )
+    gt0 = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 2, 2, 5, 5], [2, 2, 2, 2, 2, 2], [2, 2, 2, 2, 1, 1]], np.uint16)
     with zipfile.ZipFile(root / "scans" / "scene0000_00" / "scene0000_00_2d-label-filt.zip", "w") as zf:
         zf.writestr("label-filt/0.png", cv2.imencode(".png", np.kron(gt0, np.ones((2, 2), np.uint16)))[1].tobytes())
         # frame 10 has no label image
@@ -361,7 +385,7 @@ def test_pca_channel_reduction_against_numpy_svd(tmp_path, reference):
     write_frames(cfg)
     (row,) = TS.run(cfg)
     g = tgroup(cfg)
-    feats_ref = reference[0]                                   # (6, 320, 2, 3) float32
+    feats_ref = reference[0]  # (6, 320, 2, 3) float32
     x = feats_ref.transpose(0, 2, 3, 1).reshape(-1, 320).astype(np.float64)
     mu = x.mean(0)
     _, sv, vt = np.linalg.svd(x - mu, full_matrices=False)
@@ -376,14 +400,14 @@ def test_pca_channel_reduction_against_numpy_svd(tmp_path, reference):
     red = g.attrs["features_reduction"]
     resid = ((x - mu) ** 2).sum() - (sv[:8] ** 2).sum()
     assert red["channels_in"] == 320 and red["channels"] == 8 and red["fit_frames"] == 6
-    assert red["relative_error"] == pytest.approx(resid / (x ** 2).sum(), rel=1e-3)
+    assert red["relative_error"] == pytest.approx(resid / (x**2).sum(), rel=1e-3)
     assert red["unexplained_variance"] == pytest.approx(resid / ((x - mu) ** 2).sum(), rel=1e-3)
     assert red["explained_variance_fit"] == pytest.approx(1 - red["unexplained_variance"], abs=1e-4)
     assert g.attrs["features_shape"] == [8, 2, 3] and row["feature_bytes_per_frame"] == 8 * 2 * 3 * 2
     assert g.attrs["channels"] == 8
     # rebuilding from the stored arrays as the attribute says gives the map back up to the residual
     rebuilt = g["pca/mean"][...][None, :, None, None] + np.einsum("kc,nkhw->nchw", w, g["features"][...])
-    err = ((rebuilt - feats_ref) ** 2).sum() / (feats_ref ** 2).sum()
+    err = ((rebuilt - feats_ref) ** 2).sum() / (feats_ref**2).sum()
     assert err == pytest.approx(red["relative_error"], rel=0.05, abs=1e-5)
 
 
@@ -411,7 +435,7 @@ def stop_after_first_shard(cfg, monkeypatch) -> None:
 def test_pca_resume_reuses_the_fitted_projection(tmp_path, monkeypatch):
     """A run stopped after its first shard keeps its fitted projection beside the parts; the
     re-run does not fit again and gives the store of one clean run."""
-    from pipeline import feature_pca
+    from lift3d.pipeline.teachers import pca as feature_pca
 
     clean_cfg = make_cfg(tmp_path / "clean", pca_channels=4, pca_fit_frames=4)
     write_frames(clean_cfg)
@@ -429,9 +453,11 @@ def test_pca_resume_reuses_the_fitted_projection(tmp_path, monkeypatch):
     np.testing.assert_array_equal(tgroup(cfg)["pca/components"][...], tgroup(clean_cfg)["pca/components"][...])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="needs a CUDA device (the teacher's GPU path: bf16 autocast, channels-last, pinned "
-                           "memory, copies overlapped with compute); the CPU path is tested above")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA device (the teacher's GPU path: bf16 autocast, channels-last, pinned "
+    "memory, copies overlapped with compute); the CPU path is tested above",
+)
 def test_gpu_path_agrees_with_the_float32_cpu_reference(tmp_path, reference):
     """The GPU path in bf16 against the teacher called in float32 on the CPU: features within a
     few per cent, the same top class on most cells, the channel reduction on the device too."""
@@ -460,10 +486,11 @@ def test_cluster_workers_resolve_the_device_and_take_the_gpu_resource(tmp_path):
 
     from dask.distributed import Client, LocalCluster
 
-    from lift3d.cluster import TaskError
+    from lift3d.core.cluster import TaskError
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
-                      dashboard_address=None) as lc:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1}, dashboard_address=None
+    ) as lc:
         lc.new_spec = copy.deepcopy(lc.new_spec)
         lc.new_spec["options"].pop("resources", None)  # a second worker with no GPU
         lc.scale(2)
@@ -478,7 +505,7 @@ def test_cluster_workers_resolve_the_device_and_take_the_gpu_resource(tmp_path):
         write_frames(cfg)
         (row,) = TS.run(cfg)
         assert row["processed"] == 6 and tgroup(cfg).attrs["device"] == "cpu"
-        assert without[0].state.executed_count == before[id(without[0])]      # no shard ran there
+        assert without[0].state.executed_count == before[id(without[0])]  # no shard ran there
         assert with_gpu[0].state.executed_count - before[id(with_gpu[0])] == 3  # 3 shards of 2 frames
         want = arrays(tgroup(cfg))
         cfg2 = make_cfg(tmp_path / "none", device="auto")
@@ -500,15 +527,21 @@ def test_shards_from_different_devices_are_never_committed_together(tmp_path, mo
     g = S.groups(cfg, "teacher")[0]
     w = GroupWriter(C.workdir(cfg), "teacher", g.path, g.config, upstream_lineage=g.upstream.lineage_sha256)
     zarr.open_group(str(w.part_path("shard-000000")), mode="a").attrs["device"] = "cuda"  # as a GPU worker would
-    with pytest.raises(StoreError, match=r"shards ran on different devices \(cpu: shard-000001, shard-000002; "
-                                         r"cuda: shard-000000\); set teacher.device to cpu or cuda explicitly"):
+    with pytest.raises(
+        StoreError,
+        match=r"shards ran on different devices \(cpu: shard-000001, shard-000002; "
+        r"cuda: shard-000000\); set teacher.device to cpu or cuda explicitly",
+    ):
         TS.run(cfg)
     assert not (C.workdir(cfg) / "teacher.zarr" / g.path / "zarr.json").exists()
 
 
 def test_pca_fit_sample_too_small_is_a_clear_error(tmp_path):
-    cfg = make_cfg(tmp_path, pca_channels=8, pca_fit_frames=1)   # 1 frame = 6 vectors < 9
+    cfg = make_cfg(tmp_path, pca_channels=8, pca_fit_frames=1)  # 1 frame = 6 vectors < 9
     write_frames(cfg)
-    with pytest.raises(ValueError, match=r"pca_channels 8: the fit sample has only 6 feature vectors; "
-                                         r"raise teacher.pca_fit_frames"):
+    with pytest.raises(
+        ValueError,
+        match=r"pca_channels 8: the fit sample has only 6 feature vectors; "
+        r"raise teacher.pca_fit_frames",
+    ):
         TS.run(cfg)

@@ -1,4 +1,5 @@
-"""pipeline.teachers (the registry, shapes, soft labels) and lift3d.classmaps."""
+"""lift3d.pipeline.teachers.registry (the registry, shapes, soft labels) and lift3d.core.classmaps."""
+
 import hashlib
 import json
 import math
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lift3d import classmaps as cm
-from pipeline import teachers as T
+from lift3d.core import classmaps as cm
+from lift3d.pipeline.teachers import registry as T
 
 CATS = {281, 282, 283, 284, 285}
 
@@ -28,7 +29,7 @@ def test_registry():
 
 def test_lite0_shapes_stride_and_soft_labels(lite0):
     rng = np.random.default_rng(0)
-    frames = rng.integers(0, 256, (2, 90, 120, 3), dtype=np.uint8)   # stored size != input size
+    frames = rng.integers(0, 256, (2, 90, 120, 3), dtype=np.uint8)  # stored size != input size
     feats, probs = lite0.forward(frames)
     assert lite0.input_size == (120, 160) and lite0.stride == lite0.label_stride == 32
     assert feats.shape == (2, 320, 4, 5) and feats.dtype == torch.float32
@@ -68,7 +69,7 @@ def test_preprocess(lite0):
 def test_lite0_soft_labels_see_a_cat():
     skd = pytest.importorskip("skimage.data")
     t = T.build_teacher("efficientnet_lite0", input_size=(224, 320))
-    img = skd.chelsea()[None]                                      # 300 x 451, whole frame
+    img = skd.chelsea()[None]  # 300 x 451, whole frame
     feats, probs = t.forward(img)
     assert probs.shape == (1, 1000, 7, 10)
     assert int(probs.mean((2, 3)).argmax()) in CATS
@@ -79,7 +80,7 @@ def test_top_k(lite0):
     _, probs = lite0.forward(rng.integers(0, 256, (1, 120, 160, 3), dtype=np.uint8))
     p, i = T.top_k(probs, 5)
     assert p.dtype == np.float16 and i.dtype == np.uint16 and p.shape == (1, 5, 4, 5)
-    assert np.all(np.diff(p.astype(np.float32), axis=1) <= 0)          # most probable first
+    assert np.all(np.diff(p.astype(np.float32), axis=1) <= 0)  # most probable first
     np.testing.assert_array_equal(i[:, 0], probs.argmax(1).numpy())
     np.testing.assert_allclose(p[:, 0], probs.amax(1).numpy(), rtol=1e-3)
 
@@ -113,19 +114,27 @@ def test_hf_errors_without_transformers(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="config.json"):
         T.build_teacher("hf_segmentation", weights=tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    monkeypatch.setitem(sys.modules, "transformers", None)            # as if not installed
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install transformers"):
         T.build_teacher("hf_segmentation", weights=tmp_path)
 
 
 def test_hf_segformer_tiny(tmp_path):
     transformers = pytest.importorskip(
-        "transformers", reason="transformers is not installed (optional: pip install transformers)")
+        "transformers", reason="transformers is not installed (optional: pip install transformers)"
+    )
     cfg = transformers.SegformerConfig(
-        num_channels=3, num_encoder_blocks=4, depths=[1, 1, 1, 1], sr_ratios=[8, 4, 2, 1],
-        hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=16,
-        num_labels=150, id2label=dict(enumerate(cm.ade20k150_names())),
-        label2id={n: i for i, n in enumerate(cm.ade20k150_names())})
+        num_channels=3,
+        num_encoder_blocks=4,
+        depths=[1, 1, 1, 1],
+        sr_ratios=[8, 4, 2, 1],
+        hidden_sizes=[8, 16, 24, 32],
+        num_attention_heads=[1, 1, 1, 1],
+        decoder_hidden_size=16,
+        num_labels=150,
+        id2label=dict(enumerate(cm.ade20k150_names())),
+        label2id={n: i for i, n in enumerate(cm.ade20k150_names())},
+    )
     torch.manual_seed(0)
     model = transformers.SegformerForSemanticSegmentation(cfg)
     model.save_pretrained(tmp_path)
@@ -135,11 +144,12 @@ def test_hf_segformer_tiny(tmp_path):
     assert probs.shape == (2, 150, 16, 24) and t.label_stride == 4
     torch.testing.assert_close(probs.sum(1), torch.ones(2, 16, 24))
     assert t.classes == cm.ade20k150_names()
-    assert cm.teacher_to_nyu40(t.classes)[0] == 1                      # wall
+    assert cm.teacher_to_nyu40(t.classes)[0] == 1  # wall
     assert len(t.weights_sha256) == 64
 
 
 # ----------------------------------------------------------------------------- class maps
+
 
 def test_nyu40_and_scannet20():
     names = cm.nyu40_names()
@@ -150,9 +160,27 @@ def test_nyu40_and_scannet20():
     assert kept == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39]
     assert sorted(lut[kept]) == list(range(20)) and lut[0] == -100
     assert cm.scannet20_names() == [
-        "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",
-        "bookshelf", "picture", "counter", "desk", "curtain", "refrigerator", "shower curtain",
-        "toilet", "sink", "bathtub", "otherfurniture"]
+        "wall",
+        "floor",
+        "cabinet",
+        "bed",
+        "chair",
+        "sofa",
+        "table",
+        "door",
+        "window",
+        "bookshelf",
+        "picture",
+        "counter",
+        "desk",
+        "curtain",
+        "refrigerator",
+        "shower curtain",
+        "toilet",
+        "sink",
+        "bathtub",
+        "otherfurniture",
+    ]
 
 
 def test_ade20k_map():
@@ -173,17 +201,17 @@ def test_imagenet_map_names_match_timm():
 
     info = ImageNetInfo()
     rows = cm.load_table("imagenet_to_nyu40.csv")
-    for r in rows:                                  # names checked against an independent list
+    for r in rows:  # names checked against an independent list
         assert info.index_to_description(int(r["imagenet_index"])).split(",")[0] == r["imagenet_name"]
     lut = cm.imagenet_to_nyu40()
     assert lut.shape == (1000,) and lut.max() <= 40 and (lut > 0).sum() == len(rows)
-    assert lut[831] == 6 and lut[532] == 7 and lut[453] == 10 and lut[564] == 4   # couch, table,
-    assert lut[281] == 0                                                           # bookcase, bed
+    assert lut[831] == 6 and lut[532] == 7 and lut[453] == 10 and lut[564] == 4  # couch, table,
+    assert lut[281] == 0  # bookcase, bed
 
 
 def test_teacher_to_scannet20(lite0):
     lut = cm.teacher_to_scannet20(lite0.classes)
-    assert lut.shape == (1000,) and lut[831] == 5 and lut[281] == cm.IGNORE_INDEX == 255   # sofa; cat ignored
+    assert lut.shape == (1000,) and lut[831] == 5 and lut[281] == cm.IGNORE_INDEX == 255  # sofa; cat ignored
     with pytest.raises(ValueError, match="no NYU40 mapping"):
         cm.teacher_to_nyu40(["a", "b"])
     with pytest.raises(ValueError, match="ADE20K"):

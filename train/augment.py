@@ -1,5 +1,5 @@
 """3D augmentations for pretraining. The 2D side is augmented only by the horizontal flip that a
-teacher flip pass makes exact (train.data, ``pretrain.augment.flip_2d``): the cache cannot
+teacher flip pass makes exact (lift3d.train.data, ``pretrain.augment.flip_2d``): the cache cannot
 reproduce any other 2D augmentation, so every other point keeps its stored pixel.
 
 All functions take and return numpy arrays and draw from an explicit ``np.random.Generator``,
@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-UP_AXES = {"gravity": np.array([0.0, 0.0, 1.0]), "world": np.array([0.0, 0.0, 1.0]),
-           "camera": np.array([0.0, -1.0, 0.0])}
+UP_AXES = {
+    "gravity": np.array([0.0, 0.0, 1.0]),
+    "world": np.array([0.0, 0.0, 1.0]),
+    "camera": np.array([0.0, -1.0, 0.0]),
+}
 ELASTIC_PARAMS = ((0.2, 0.4), (0.8, 1.6))  # (granularity, magnitude) in metres
 
 
@@ -74,8 +77,9 @@ def trilinear(grid: np.ndarray, origin: np.ndarray, spacing: float, points: np.n
     return out
 
 
-def elastic_distortion(coords: np.ndarray, granularity: float, magnitude: float,
-                       rng: np.random.Generator, blurs: int = 2) -> np.ndarray:
+def elastic_distortion(
+    coords: np.ndarray, granularity: float, magnitude: float, rng: np.random.Generator, blurs: int = 2
+) -> np.ndarray:
     """Smooth random displacement field: noise on a grid of ``granularity`` metres over the
     cloud's bounding box (+ 3 cells of margin), blurred ``blurs`` times along x, y and z,
     interpolated trilinearly at the points, times ``magnitude``."""
@@ -111,8 +115,9 @@ def color_jitter(colors: np.ndarray, rng: np.random.Generator, std: float = 0.05
     return np.clip(colors.astype(np.float32) + noise, 0, 255).astype(np.uint8)
 
 
-def augment_points(coords: np.ndarray, colors: np.ndarray, frame: str, acfg: dict, color: bool,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augment_points(
+    coords: np.ndarray, colors: np.ndarray, frame: str, acfg: dict, color: bool, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Apply the switched-on augmentations (``pretrain.augment``) to one frame's points."""
     if acfg.get("rotate_up", True):
         coords = rotate_up(coords, frame, rng)

@@ -35,18 +35,18 @@ flipped frame's cloud is the mirror image of the original about a vertical plane
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-import logging
-
+import MinkowskiEngine as ME
 import numpy as np
 import torch
 import zarr
 
-from lift3d.config import workdir as get_workdir
-from lift3d.stages import groups
-from lift3d.store import StoreError, open_group, store_path
-from train.augment import augment_points
+from lift3d.core.config import workdir as get_workdir
+from lift3d.core.graph import groups
+from lift3d.core.store import StoreError, open_group, store_path
+from lift3d.train.augment import augment_points
 
 log = logging.getLogger("lift3d")
 
@@ -58,6 +58,7 @@ METHODS = ("ppnce", "soft_ce", "ppkd")
 @dataclass
 class Source:
     """One dataset's three verified groups (paths; opened lazily in each worker)."""
+
     name: str
     frames_path: str
     teacher_path: str
@@ -73,7 +74,7 @@ def open_sources(cfg: dict) -> list[Source]:
     """Verify the frames / teacher / points groups of every configured dataset.
 
     Each group is opened with the lineage the current configuration expects
-    (:func:`lift3d.stages.groups`), so a missing, incomplete or stale cache is refused with a
+    (:func:`lift3d.core.graph.groups`), so a missing, incomplete or stale cache is refused with a
     message naming the stage to re-run; the three groups must agree on the frame count.
     """
     wd = get_workdir(cfg)
@@ -86,16 +87,28 @@ def open_sources(cfg: dict) -> list[Source]:
         n = int(fr["pose"].shape[0])
         nt, npo = int(te["features"].shape[0]), int(po["offsets"].shape[0]) - 1
         if nt != n or npo != n:
-            raise StoreError(f"dataset {fg.path}: frames has {n} frames, teacher {nt}, points {npo}; "
-                             f"re-run 'lift3d run teacher' and 'lift3d run points'")
+            raise StoreError(
+                f"dataset {fg.path}: frames has {n} frames, teacher {nt}, points {npo}; "
+                f"re-run 'lift3d run teacher' and 'lift3d run points'"
+            )
         H, W = (int(x) for x in fr["rgb"].shape[1:3])
         classes = len(te.attrs.get("classes") or [])
         flip = bool(te.attrs.get("flip_pass")) and all(
-            name in te for name in ("features_flip", "soft_labels/prob_flip", "soft_labels/index_flip"))
-        out.append(Source(fg.path, str(store_path(wd, "frames") / fg.path),
-                          str(store_path(wd, "teacher") / tg.path), str(store_path(wd, "points") / pg.path),
-                          n, (H, W), {"frames": fg.lineage_sha256, "teacher": tg.lineage_sha256,
-                                      "points": pg.lineage_sha256}, classes, flip))
+            name in te for name in ("features_flip", "soft_labels/prob_flip", "soft_labels/index_flip")
+        )
+        out.append(
+            Source(
+                fg.path,
+                str(store_path(wd, "frames") / fg.path),
+                str(store_path(wd, "teacher") / tg.path),
+                str(store_path(wd, "points") / pg.path),
+                n,
+                (H, W),
+                {"frames": fg.lineage_sha256, "teacher": tg.lineage_sha256, "points": pg.lineage_sha256},
+                classes,
+                flip,
+            )
+        )
     if not out:
         raise StoreError("no datasets configured")
     return out
@@ -115,8 +128,9 @@ def to_frame(coords: np.ndarray, pose: np.ndarray, frame: str) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def mirror_frame(coords: np.ndarray, pixel: np.ndarray, pose: np.ndarray, width: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mirror_frame(
+    coords: np.ndarray, pixel: np.ndarray, pose: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A frame's points as seen in its horizontally flipped image (see the module docstring):
     camera-frame x -> -x, pixel (row, col) -> (row, W - 1 - col), pose (R, t) ->
     (M R M, M t) with M = diag(-1, 1, 1)."""
@@ -147,7 +161,7 @@ def epoch_order(n_total: int, seed: int, epoch: int, block: int, mix: int) -> np
     perm = rng.permutation(len(starts))
     order = []
     for g in range(0, len(perm), max(1, mix)):
-        pool = np.concatenate([np.arange(s, min(s + block, n_total)) for s in starts[perm[g:g + mix]]])
+        pool = np.concatenate([np.arange(s, min(s + block, n_total)) for s in starts[perm[g : g + mix]]])
         order.append(rng.permutation(pool))
     return np.concatenate(order) if order else np.zeros(0, np.int64)
 
@@ -159,8 +173,16 @@ class PretrainStream(torch.utils.data.IterableDataset):
     ``world``: this process's slice of every batch under data-parallel training.
     """
 
-    def __init__(self, cfg: dict, sources: list[Source] | None = None, start: int = 0,
-                 stop: int | None = None, augment: bool = True, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        cfg: dict,
+        sources: list[Source] | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        augment: bool = True,
+        rank: int = 0,
+        world: int = 1,
+    ):
         super().__init__()
         p = cfg["pretrain"]
         self.sources = sources if sources is not None else open_sources(cfg)
@@ -175,33 +197,38 @@ class PretrainStream(torch.utils.data.IterableDataset):
         self.seed = int(p["seed"])
         self.block = int(p.get("shuffle_block", 8))
         self.mix = int(p.get("shuffle_mix", 4))
-        self.acfg = dict(p.get("augment") or {}) if augment else {"rotate_up": False, "scale": False,
-                                                                    "elastic": False}
+        self.acfg = dict(p.get("augment") or {}) if augment else {"rotate_up": False, "scale": False, "elastic": False}
         self.color = augment and self.method in (self.acfg.get("color_methods") or [])
         self.start, self.stop = int(start), stop
         self.rank, self.world = int(rank), int(world)
         if self.world < 1 or not 0 <= self.rank < self.world:
             raise ValueError(f"rank {self.rank} of {self.world} processes")
         if self.batch % self.world:
-            raise ValueError(f"pretrain.batch_size {self.batch} must be a multiple of the number of processes "
-                             f"{self.world}: each rank takes batch_size / processes frames of every batch")
+            raise ValueError(
+                f"pretrain.batch_size {self.batch} must be a multiple of the number of processes "
+                f"{self.world}: each rank takes batch_size / processes frames of every batch"
+            )
         # 2D flip: asked for (default on) and possible per dataset (the teacher's flip pass)
         self.flip_asked = augment and bool(self.acfg.get("flip_2d", True))
         self.flippable = [self.flip_asked and s.flip_pass for s in self.sources]
         if self.flip_asked:
             missing = [s.name for s in self.sources if not s.flip_pass]
             if missing:
-                log.info("pretrain: 2D flip is OFF for %s: pretrain.augment.flip_2d is on, but the teacher cache "
-                         "has no flip pass (set teacher.flip_pass: true and re-run 'lift3d run teacher'; "
-                         "pretrain.augment.flip_2d: false silences this)", ", ".join(missing))
+                log.info(
+                    "pretrain: 2D flip is OFF for %s: pretrain.augment.flip_2d is on, but the teacher cache "
+                    "has no flip pass (set teacher.flip_pass: true and re-run 'lift3d run teacher'; "
+                    "pretrain.augment.flip_2d: false silences this)",
+                    ", ".join(missing),
+                )
             if any(self.flippable):
-                log.info("pretrain: 2D flip is on (p = 0.5, the teacher's cached flip pass) for %s",
-                         ", ".join(s.name for s, f in zip(self.sources, self.flippable) if f))
+                log.info(
+                    "pretrain: 2D flip is on (p = 0.5, the teacher's cached flip pass) for %s",
+                    ", ".join(s.name for s, f in zip(self.sources, self.flippable) if f),
+                )
         self.cum = np.cumsum([0] + [s.n_frames for s in self.sources])
         self.n_total = int(self.cum[-1])
         if self.n_total < self.batch:
-            raise StoreError(f"only {self.n_total} frames in the stores, fewer than pretrain.batch_size "
-                             f"{self.batch}")
+            raise StoreError(f"only {self.n_total} frames in the stores, fewer than pretrain.batch_size {self.batch}")
         self.per_epoch = self.n_total // self.batch
         self._open = None
 
@@ -211,9 +238,14 @@ class PretrainStream(torch.utils.data.IterableDataset):
             self._open = []
             for s in self.sources:
                 po = zarr.open_group(s.points_path, mode="r")
-                self._open.append({"frames": zarr.open_group(s.frames_path, mode="r"),
-                                   "teacher": zarr.open_group(s.teacher_path, mode="r"),
-                                   "points": po, "offsets": po["offsets"][...]})
+                self._open.append(
+                    {
+                        "frames": zarr.open_group(s.frames_path, mode="r"),
+                        "teacher": zarr.open_group(s.teacher_path, mode="r"),
+                        "points": po,
+                        "offsets": po["offsets"][...],
+                    }
+                )
         return self._open
 
     def locate(self, g: int) -> tuple[int, int]:
@@ -227,15 +259,22 @@ class PretrainStream(torch.utils.data.IterableDataset):
         grp = self._groups()[d]
         a, b = int(grp["offsets"][i]), int(grp["offsets"][i + 1])
         po, te = grp["points"], grp["teacher"]
-        out = {"dataset": d, "index": i, "image_hw": self.sources[d].image_hw,
-               "coords": po["coords"][a:b], "colors": po["colors"][a:b], "pixel": po["pixel"][a:b],
-               "pose": grp["frames"]["pose"][i]}
+        out = {
+            "dataset": d,
+            "index": i,
+            "image_hw": self.sources[d].image_hw,
+            "coords": po["coords"][a:b],
+            "colors": po["colors"][a:b],
+            "pixel": po["pixel"][a:b],
+            "pose": grp["frames"]["pose"][i],
+        }
         sfx = ""
         if flip:
             if not self.sources[d].flip_pass:
                 raise StoreError(f"{self.sources[d].teacher_path} has no flip pass (teacher.flip_pass)")
-            out["coords"], out["pixel"], out["pose"] = mirror_frame(out["coords"], out["pixel"], out["pose"],
-                                                                    self.sources[d].image_hw[1])
+            out["coords"], out["pixel"], out["pose"] = mirror_frame(
+                out["coords"], out["pixel"], out["pose"], self.sources[d].image_hw[1]
+            )
             out["flipped"], sfx = True, "_flip"
         if self.method == "ppnce":
             out["features"] = te["features" + sfx][i]
@@ -249,7 +288,7 @@ class PretrainStream(torch.utils.data.IterableDataset):
         """The ``batch_size`` frames (global indices) of global batch ``b``."""
         epoch, j = divmod(int(b), self.per_epoch)
         order = epoch_order(self.n_total, self.seed, epoch, self.block, self.mix)
-        return order[j * self.batch:(j + 1) * self.batch]
+        return order[j * self.batch : (j + 1) * self.batch]
 
     def shard(self) -> slice:
         """This rank's slots of every global batch."""
@@ -302,12 +341,11 @@ def collate(frames: list[dict], voxel_size: float, method: str) -> dict:
     float16 tensors); for soft_ce / ppkd the top-k soft labels at each voxel's cell,
     ``prob`` (M, k) and ``index_k`` (M, k).
     """
-    import MinkowskiEngine as ME
-
     qcoords, feats, pixels, fidx, probs, idxs = [], [], [], [], [], []
     for bi, f in enumerate(frames):
-        q, keep, _inv = ME.utils.sparse_quantize(np.ascontiguousarray(f["coords"]), return_index=True,
-                                                 return_inverse=True, quantization_size=voxel_size)
+        q, keep, _inv = ME.utils.sparse_quantize(
+            np.ascontiguousarray(f["coords"]), return_index=True, return_inverse=True, quantization_size=voxel_size
+        )
         keep = keep.numpy()
         qcoords.append(q)
         feats.append(torch.from_numpy(f["colors"][keep].astype(np.float32) / 255.0 - 0.5))
@@ -319,11 +357,15 @@ def collate(frames: list[dict], voxel_size: float, method: str) -> dict:
             r, c = label_cells(pix, f["image_hw"], (hs, ws))
             probs.append(torch.from_numpy(f["prob"][:, r, c].T.astype(np.float32)))
             idxs.append(torch.from_numpy(f["index_k"][:, r, c].T.astype(np.int64)))
-    out = {"coords": ME.utils.batched_coordinates(qcoords, dtype=torch.int32),
-           "feats": torch.cat(feats), "pixel": torch.cat(pixels), "frame": torch.cat(fidx),
-           "image_hw": [tuple(f["image_hw"]) for f in frames],
-           "ids": [(int(f["dataset"]), int(f["index"])) for f in frames],
-           "flipped": [bool(f.get("flipped", False)) for f in frames]}
+    out = {
+        "coords": ME.utils.batched_coordinates(qcoords, dtype=torch.int32),
+        "feats": torch.cat(feats),
+        "pixel": torch.cat(pixels),
+        "frame": torch.cat(fidx),
+        "image_hw": [tuple(f["image_hw"]) for f in frames],
+        "ids": [(int(f["dataset"]), int(f["index"])) for f in frames],
+        "flipped": [bool(f.get("flipped", False)) for f in frames],
+    }
     if method == "ppnce":
         out["features"] = [torch.from_numpy(np.ascontiguousarray(f["features"])) for f in frames]
     else:
@@ -331,15 +373,34 @@ def collate(frames: list[dict], voxel_size: float, method: str) -> dict:
     return out
 
 
-def loader(cfg: dict, sources: list[Source] | None = None, start: int = 0, stop: int | None = None,
-           num_workers: int | None = None, augment: bool = True, rank: int = 0,
-           world: int = 1) -> torch.utils.data.DataLoader:
+def loader(
+    cfg: dict,
+    sources: list[Source] | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    num_workers: int | None = None,
+    augment: bool = True,
+    rank: int = 0,
+    world: int = 1,
+) -> torch.utils.data.DataLoader:
     """A DataLoader over :class:`PretrainStream` (batches already collated; this rank's slice)."""
     nw = int(cfg["pretrain"].get("num_workers", 0)) if num_workers is None else int(num_workers)
     ds = PretrainStream(cfg, sources, start=start, stop=stop, augment=augment, rank=rank, world=world)
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=nw,
-                                       persistent_workers=False, prefetch_factor=2 if nw else None)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=nw, persistent_workers=False, prefetch_factor=2 if nw else None
+    )
 
 
-__all__ = ["Source", "open_sources", "to_frame", "mirror_frame", "label_cells", "epoch_order", "PretrainStream",
-           "collate", "loader", "FRAMES", "METHODS"]
+__all__ = [
+    "Source",
+    "open_sources",
+    "to_frame",
+    "mirror_frame",
+    "label_cells",
+    "epoch_order",
+    "PretrainStream",
+    "collate",
+    "loader",
+    "FRAMES",
+    "METHODS",
+]

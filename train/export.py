@@ -12,13 +12,11 @@ from pathlib import Path
 
 import torch
 
-from train.models import MODELS, build_model, export_pointcontrast, load_pointcontrast
+from lift3d.core.checkpoint import read_model_file
+from lift3d.core.errors import ExportError
+from lift3d.nets.res16unet import MODELS, build_model, export_pointcontrast, load_pointcontrast
 
 FORMATS = ("pointcontrast",)
-
-
-class ExportError(ValueError):
-    pass
 
 
 def read_network(path: str | Path) -> tuple[dict, str | None, int | None]:
@@ -28,12 +26,7 @@ def read_network(path: str | Path) -> tuple[dict, str | None, int | None]:
         p = p / "model.pt"
     if not p.is_file():
         raise ExportError(f"{p}: not found (give a pretrain run folder, its model.pt or checkpoint.pt)")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise ExportError(f"{p}: cannot be read as a torch file: {type(exc).__name__}: {exc}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-        raise ExportError(f"{p}: expected a lift3d model.pt or checkpoint.pt (a dict with a 'model' state dict)")
+    obj = read_model_file(p, error=ExportError, accept_checkpoint=True)
     return obj["model"], obj.get("model_name"), obj.get("out_channels")
 
 
@@ -57,5 +50,10 @@ def export(path: str | Path, out: str | Path, fmt: str = "pointcontrast") -> dic
     tmp = out.with_name(out.name + ".tmp")
     torch.save(exported, tmp)
     tmp.replace(out)
-    return {"format": fmt, "model": name, "keys": len(exported), "parameters": sum(v.numel() for v in exported.values()),
-            "out": str(out)}
+    return {
+        "format": fmt,
+        "model": name,
+        "keys": len(exported),
+        "parameters": sum(v.numel() for v in exported.values()),
+        "out": str(out),
+    }

@@ -21,7 +21,7 @@ Data-Efficient 3D Learner; evaluation on the validation split.
   same scenes and L_cons = MSE(softmax student, softmax teacher) per vertex, weighted by
   w(t) = w exp(-5 (1 - t)^2), t = min(step / rampup_steps, 1).
 - Evaluation: every vertex of a validation scene takes the prediction of its voxel; scores
-  from the confusion matrix over the original vertices (``train.metrics``).
+  from the confusion matrix over the original vertices (``lift3d.core.metrics``).
 
 Runs go to ``<workdir>/runs/finetune/<name>/``: ``checkpoint.pt`` (resumable), ``model.pt``
 (the segmentation network), ``metrics.csv``, ``loss.png``, ``eval.json``, ``eval.txt``,
@@ -30,40 +30,49 @@ Runs go to ``<workdir>/runs/finetune/<name>/``: ``checkpoint.pt`` (resumable), `
 
 from __future__ import annotations
 
-import csv
 import logging
-import shutil
+import resource
 import time
 from pathlib import Path
 
+import MinkowskiEngine as ME
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lift3d.backbones import sha256_path
-from lift3d.config import sha256_json, workdir as get_workdir
-from lift3d.progress import bar as progress_bar
-from lift3d.store import StoreError, stage_lock, writing
-from pipeline.readers import ReaderError, make_reader
-from train import augment as A
-from train.metrics import confusion_matrix, format_table, segmentation_scores
-from train.models import MODELS, build_model
-from train.pretrain import (RESUME, _metrics_rows, _read_json, _rng_state, _save_json, _set_rng_state,
-                            _torch_save, _write_atomic, _write_metrics, lr_at, make_optimizer, plot_loss,
-                            resolve_device, run_status)
-from train.scenes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, LabelledDataset, read_la_file, read_lr_file
+from lift3d.core.checkpoint import read_model_file as _read_model_file
+from lift3d.core.config import sha256_json
+from lift3d.core.config import workdir as get_workdir
+from lift3d.core.device import resolve_device
+from lift3d.core.errors import FinetuneError
+from lift3d.core.metrics import confusion_matrix, format_table, segmentation_scores
+from lift3d.core.progress import bar as progress_bar
+from lift3d.core.store import StoreError
+from lift3d.nets.backbones2d import sha256_path
+from lift3d.nets.res16unet import MODELS, build_model
+from lift3d.pipeline.readers.base import ReaderError, make_reader
+from lift3d.train import augment as A
+from lift3d.train import pretrain
+from lift3d.train.optim import lr_at, make_optimizer
+from lift3d.train.runs import Run, read_json, rows_before, run_lock, run_status, save_json, write_atomic
+from lift3d.train.scenes import (
+    CLASS_NAMES,
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    LabelledDataset,
+    make_la_file,
+    read_la_file,
+    read_lr_file,
+)
 
 log = logging.getLogger("lift3d")
 
 BOOKKEEPING = ("device", "checkpoint_every", "run_name", "eval_every")
-CONSISTENCY_POINTS = 4096   # vertices per scene compared by the mean-teacher consistency
-
-
-class FinetuneError(RuntimeError):
-    """A fine-tuning input (checkpoint, label file, configuration) is unusable; says which and why."""
+CONSISTENCY_POINTS = 4096  # vertices per scene compared by the mean-teacher consistency
 
 
 # ----------------------------------------------------------------------------- configuration
+
 
 def dataset_entry(cfg: dict) -> dict:
     name = cfg["finetune"].get("dataset")
@@ -73,8 +82,9 @@ def dataset_entry(cfg: dict) -> dict:
     for e in entries:
         if e["name"] == name:
             return e
-    raise FinetuneError(f"finetune.dataset: {name!r} is not configured; datasets: "
-                        f"{', '.join(e['name'] for e in entries)}")
+    raise FinetuneError(
+        f"finetune.dataset: {name!r} is not configured; datasets: {', '.join(e['name'] for e in entries)}"
+    )
 
 
 def _init_kind(cfg: dict) -> str:
@@ -83,9 +93,7 @@ def _init_kind(cfg: dict) -> str:
 
 
 def _pretrain_run(cfg: dict) -> Path:
-    from train.pretrain import run_dir as pretrain_run_dir
-
-    return pretrain_run_dir(cfg)
+    return pretrain.run_dir(cfg)
 
 
 def init_path(cfg: dict) -> Path | None:
@@ -102,9 +110,7 @@ def init_identity(cfg: dict) -> dict:
     if kind == "scratch":
         return {"init": "scratch"}
     if kind == "pretrain":
-        from train.pretrain import identity as pretrain_identity
-
-        return {"init": "pretrain", "pretrain": sha256_json(pretrain_identity(cfg))}
+        return {"init": "pretrain", "pretrain": sha256_json(pretrain.identity(cfg))}
     path = init_path(cfg)
     return {"init": "file", "sha256": sha256_path(path) if path.is_file() else f"missing:{path}"}
 
@@ -115,17 +121,25 @@ def la_path(cfg: dict) -> Path | None:
     if f.get("la_file") and f.get("la_points"):
         raise FinetuneError("finetune.la_file and finetune.la_points are both set; choose one")
     if f.get("la_points"):
-        from train.verdict import la_file_for
-
         return la_file_for(cfg, int(f["la_points"]))
     return Path(f["la_file"]).expanduser() if f.get("la_file") else None
+
+
+def la_file_for(cfg: dict, points: int, seed: int = 0) -> Path:
+    """The LA file of ``points`` labelled vertices per training scene (written once)."""
+    entry = dataset_entry(cfg)
+    out = get_workdir(cfg) / "data_efficient" / entry["name"] / f"points{points}_seed{seed}.pth"
+    if not out.exists():
+        ds = LabelledDataset(entry, get_workdir(cfg))
+        make_la_file(ds, ds.split("train"), points, seed, out)
+    return out
 
 
 def identity(cfg: dict) -> dict:
     f = {k: v for k, v in cfg["finetune"].items() if k not in BOOKKEEPING and k != "init"}
     if f.get("la_file") and f.get("la_points"):
         raise FinetuneError("finetune.la_file and finetune.la_points are both set; choose one")
-    for key in ("la_file", "lr_file"):   # the files' contents, not only their names
+    for key in ("la_file", "lr_file"):  # the files' contents, not only their names
         if f.get(key):
             p = Path(f[key]).expanduser()
             f[key] = {"path": str(p), "sha256": sha256_path(p) if p.is_file() else None}
@@ -143,9 +157,7 @@ def run_dir(cfg: dict) -> Path:
 def status(cfg: dict) -> tuple[str, list[str]]:
     reasons = []
     if _init_kind(cfg) == "pretrain":
-        from train.pretrain import status as pretrain_status
-
-        st, why = pretrain_status(cfg)
+        st, why = pretrain.status(cfg)
         if st != "done":
             reasons.append(f"the pretrain run to start from is {st}: run 'lift3d run pretrain'")
     d = run_dir(cfg)
@@ -163,24 +175,13 @@ def _pct(v) -> str:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def read_model_file(path: str | Path) -> dict:
     """A ``model.pt`` (or a run folder holding one) as a dict, checked to be a Res16UNet."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        p = p / "model.pt"
-    if not p.is_file():
-        raise FinetuneError(f"{p}: no such checkpoint (a run folder or its model.pt)")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a broken file
-        raise FinetuneError(f"{p}: not a torch checkpoint: {type(exc).__name__}: {exc}") from None
-    if not isinstance(state, dict) or "model" not in state or not isinstance(state["model"], dict):
-        raise FinetuneError(f"{p}: expected a lift3d model.pt (a dict with 'model', 'model_name'); "
-                            f"got {type(state).__name__} with keys {list(state)[:5] if isinstance(state, dict) else '-'}")
+    state = _read_model_file(path, error=FinetuneError)
     name = state.get("model_name")
     if name not in MODELS:
-        raise FinetuneError(f"{p}: architecture {name!r} is not one of {', '.join(sorted(MODELS))}")
-    state["path"] = str(p)
+        raise FinetuneError(f"{state['path']}: architecture {name!r} is not one of {', '.join(sorted(MODELS))}")
     return state
 
 
@@ -191,12 +192,17 @@ def _load_weights(net: torch.nn.Module, sd: dict, where: str, skip_final: bool) 
     need = [k for k in own if not (skip_final and k.startswith("final."))]
     missing = [k for k in need if k not in keep]
     extra = [k for k in keep if k not in own]
-    shape = [f"{k}: {tuple(keep[k].shape)} vs {tuple(own[k].shape)}" for k in need
-             if k in keep and tuple(keep[k].shape) != tuple(own[k].shape)]
+    shape = [
+        f"{k}: {tuple(keep[k].shape)} vs {tuple(own[k].shape)}"
+        for k in need
+        if k in keep and tuple(keep[k].shape) != tuple(own[k].shape)
+    ]
     if missing or extra or shape:
-        raise FinetuneError(f"{where}: the weights do not fit {type(net).__name__}: "
-                            f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected "
-                            f"(e.g. {extra[:2]}), {len(shape)} of another shape (e.g. {shape[:2]})")
+        raise FinetuneError(
+            f"{where}: the weights do not fit {type(net).__name__}: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} unexpected "
+            f"(e.g. {extra[:2]}), {len(shape)} of another shape (e.g. {shape[:2]})"
+        )
     net.load_state_dict(keep, strict=False)
 
 
@@ -210,8 +216,10 @@ def build_network(cfg: dict) -> tuple[torch.nn.Module, dict]:
         torch.manual_seed(int(f["seed"]))
         return build_model(name, 3, NUM_CLASSES), {**meta, "model_name": name}
     if _init_kind(cfg) == "pretrain" and not path.is_file():
-        raise FinetuneError(f"finetune.init: pretrain: {path} does not exist: run 'lift3d run pretrain' first "
-                            f"(or set finetune.init: scratch)")
+        raise FinetuneError(
+            f"finetune.init: pretrain: {path} does not exist: run 'lift3d run pretrain' first "
+            f"(or set finetune.init: scratch)"
+        )
     state = read_model_file(path)
     name = state["model_name"]
     if f.get("model") and f["model"] != name:
@@ -227,10 +235,12 @@ def check_val_unseen(cfg: dict, ds: LabelledDataset, val: list[str]) -> None:
     if _init_kind(cfg) == "scratch":
         return
     path = init_path(cfg)
-    info = _read_json(path.parent / "run.json") if path else None
+    info = read_json(path.parent / "run.json") if path else None
     if not info or "config" not in info:
-        log.warning("finetune: %s has no run.json beside it; cannot check that pretraining did not see the "
-                    "validation scenes", path)
+        log.warning(
+            "finetune: %s has no run.json beside it; cannot check that pretraining did not see the validation scenes",
+            path,
+        )
         return
     wd = get_workdir(cfg)
     for entry in info["config"].get("datasets", []):
@@ -241,16 +251,20 @@ def check_val_unseen(cfg: dict, ds: LabelledDataset, val: list[str]) -> None:
             same = reader.root is not None and Path(reader.root).resolve() == ds.root.resolve()
             seen = reader.scenes() if same else []
         except ReaderError as exc:
-            raise FinetuneError(f"cannot check which scenes pretraining saw (dataset {entry['name']!r}): {exc}") from None
+            raise FinetuneError(
+                f"cannot check which scenes pretraining saw (dataset {entry['name']!r}): {exc}"
+            ) from None
         leaked = sorted(set(seen) & set(val))
         if leaked:
             raise FinetuneError(
                 f"pretraining ({path.parent}) read frames of {len(leaked)} validation scene(s) "
                 f"({', '.join(leaked[:3])}) through dataset {entry['name']!r} (split {entry.get('split')!r}); "
-                f"fine-tuning would be evaluated on scenes the network has seen. Pretrain with split: train.")
+                f"fine-tuning would be evaluated on scenes the network has seen. Pretrain with split: train."
+            )
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def augment_scene(xyz: np.ndarray, rgb: np.ndarray, acfg: dict, rng: np.random.Generator):
     """The scene-level augmentations switched on in ``finetune.augment`` (world z up)."""
@@ -274,23 +288,26 @@ def voxelise(scenes: list[tuple[np.ndarray, np.ndarray]], voxel_size: float) -> 
     """Quantise each (coords, rgb) scene and batch them: ``coords`` (M, 4) int32 with the batch
     index first, ``feats`` (M, 3) colours in [-0.5, 0.5], and per scene ``vertex_voxel``, the
     batch row of each vertex's voxel."""
-    import MinkowskiEngine as ME
-
     qs, feats, inverse, offset = [], [], [], 0
     for coords, rgb in scenes:
-        q, keep, inv = ME.utils.sparse_quantize(np.ascontiguousarray(coords, np.float32), return_index=True,
-                                                return_inverse=True, quantization_size=voxel_size)
+        q, keep, inv = ME.utils.sparse_quantize(
+            np.ascontiguousarray(coords, np.float32),
+            return_index=True,
+            return_inverse=True,
+            quantization_size=voxel_size,
+        )
         qs.append(q)
         feats.append(torch.from_numpy(rgb[keep.numpy()].astype(np.float32) / 255.0 - 0.5))
         inverse.append(inv.long() + offset)
         offset += len(keep)
-    return {"coords": ME.utils.batched_coordinates(qs, dtype=torch.int32), "feats": torch.cat(feats),
-            "vertex_voxel": inverse}
+    return {
+        "coords": ME.utils.batched_coordinates(qs, dtype=torch.int32),
+        "feats": torch.cat(feats),
+        "vertex_voxel": inverse,
+    }
 
 
 def forward(net, batch: dict, device: torch.device) -> torch.Tensor:
-    import MinkowskiEngine as ME
-
     x = ME.SparseTensor(batch["feats"].to(device), coordinates=batch["coords"].to(device))
     return net(x).F
 
@@ -308,6 +325,7 @@ def scene_order(names: list[str], seed: int, step: int, batch_size: int) -> list
 
 
 # ----------------------------------------------------------------------------- evaluation
+
 
 @torch.no_grad()
 def evaluate(net, ds: LabelledDataset, scenes: list[str], voxel_size: float, device: torch.device) -> dict:
@@ -328,6 +346,7 @@ def evaluate(net, ds: LabelledDataset, scenes: list[str], voxel_size: float, dev
 
 # ----------------------------------------------------------------------------- training
 
+
 def supervision(cfg: dict, ds: LabelledDataset, train: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
     """(scenes to train on, scene -> supervised vertex indices) under the LA / LR protocols."""
     f = cfg["finetune"]
@@ -343,8 +362,7 @@ def supervision(cfg: dict, ds: LabelledDataset, train: list[str]) -> tuple[list[
         sup = {s: np.flatnonzero(ds.scene(s).labels != IGNORE_INDEX) for s in scenes}
     sup = {s: v[ds.scene(s).labels[v] != IGNORE_INDEX] for s, v in sup.items()}
     if sum(len(v) for v in sup.values()) == 0:
-        raise FinetuneError("no labelled vertex to train on (la_file / lr_file select none with a "
-                            "ScanNet-20 label)")
+        raise FinetuneError("no labelled vertex to train on (la_file / lr_file select none with a ScanNet-20 label)")
     return scenes, sup
 
 
@@ -428,55 +446,49 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
         raise FinetuneError(f"{ds.root}: scenes in both the train and the val split: {', '.join(leak[:3])}")
     check_val_unseen(cfg, ds, val)
     scenes, sup = supervision(cfg, ds, train_scenes)
-    ident = sha256_json(identity(cfg))
-    d = run_dir(cfg)
-    info = _read_json(d / "run.json")
-    if info and info.get("complete") and info.get("identity_sha256") == ident:
-        log.info("finetune: %s is complete and up to date, nothing to do", d)
-        return _summary(f, info, d, 0.0, "up to date")
-    if info and info.get("identity_sha256") != ident:
-        shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
+    run = Run("finetune", run_dir(cfg), sha256_json(identity(cfg)))
+    if run.is_done():
+        log.info("finetune: %s is complete and up to date, nothing to do", run.path)
+        return _summary(f, run.info, run.path, 0.0, "up to date")
+    run.prepare()
 
-    device = resolve_device(f.get("device"))
+    device = resolve_device(f.get("device"), "finetune.device")
     net, meta = build_network(cfg)
     net.to(device)
     teacher = None
     if f["semi"]["mean_teacher"]:
-        teacher = build_model(meta["model_name"], 3, NUM_CLASSES).to(device)   # ME modules cannot be deep-copied
+        teacher = build_model(meta["model_name"], 3, NUM_CLASSES).to(device)  # ME modules cannot be deep-copied
         teacher.load_state_dict(net.state_dict())
         for p in teacher.parameters():
             p.requires_grad_(False)
     opt = make_optimizer(f, net.parameters())
     total = int(f["iterations"])
     start = 0
-    ck = d / "checkpoint.pt"
-    if ck.exists():
-        state = torch.load(ck, map_location="cpu", weights_only=False)
-        if state.get("identity") == ident:
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if teacher is not None:
-                teacher.load_state_dict(state["teacher"])
-            _set_rng_state(state["rng"])
-            start = int(state["step"])
-    rows = _metrics_rows(d / "metrics.csv", start - 1)
-    base_info = {"config": cfg, "identity_sha256": ident, "steps": total, "meta": meta,
-                 "scenes": {"train": scenes, "val": val},
-                 "supervised_vertices": int(sum(len(v) for v in sup.values()))}
-    _save_json(d / "run.json", {**base_info, "complete": False, "step": start})
+    state = run.load_checkpoint()
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if teacher is not None:
+            teacher.load_state_dict(state["teacher"])
+        start = int(state["step"])
+    base = {
+        "config": cfg,
+        "steps": total,
+        "meta": meta,
+        "scenes": {"train": scenes, "val": val},
+        "supervised_vertices": int(sum(len(v) for v in sup.values())),
+    }
+    run.mark(base, start)
     every = max(1, int(f.get("checkpoint_every", 50)))
     eval_every = int(f.get("eval_every") or 0)
     clip = float(f.get("grad_clip", 0.0))
     end = total if stop_at is None else min(total, int(stop_at))
     fields = ["step", "loss", "ce", "entropy", "consistency", "lr", "val_miou", "time"]
+    rows = rows_before(run.metrics_path, start)
     t0 = time.perf_counter()
     peak_rss = 0
     net.train()
-    # earlier rows are rewritten atomically, then appended to (a kill here loses nothing)
-    _write_atomic(d / "metrics.csv", lambda t: _write_metrics(t, rows, fields))
-    fh = open(d / "metrics.csv", "a", newline="")
-    writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+    metrics = run.open_metrics(fields, rows)
     step = start
     label = f"pretrain-{cfg['pretrain']['method']}" if meta["init"] == "pretrain" else meta["init"]
     bar = progress_bar(end - start, f"finetune/{label}", "step", mininterval=1.0)  # two runs may share a log
@@ -496,74 +508,88 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
             opt.step()
             if teacher is not None:
                 ema_update(teacher, net, float(f["semi"]["ema_decay"]))
-            row = {"step": step, "loss": f"{loss.item():.6f}", "lr": f"{lr:.6g}",
-                   "time": f"{time.perf_counter() - t0:.3f}", **{k: f"{v:.6f}" for k, v in parts.items()}}
+            row = {
+                "step": step,
+                "loss": f"{loss.item():.6f}",
+                "lr": f"{lr:.6g}",
+                "time": f"{time.perf_counter() - t0:.3f}",
+                **{k: f"{v:.6f}" for k, v in parts.items()},
+            }
             if eval_every and (step + 1) % eval_every == 0 and step + 1 < total:
                 row["val_miou"] = f"{evaluate(net, ds, val, f['voxel_size'], device)['miou'] or 0:.4f}"
-            writer.writerow(row)
+            metrics.write(row)
             rows.append(row)
             peak_rss = max(peak_rss, _rss_mb())
             bar.set_postfix(loss=row["loss"], refresh=False)
             bar.update(1)
             if (step + 1) % every == 0 or step + 1 == end:
-                with writing(d / "metrics.csv", "write", RESUME):
-                    fh.flush()
-                state = {"step": step + 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
-                         "rng": _rng_state(), "identity": ident}
+                metrics.flush()
+                state = {"model": net.state_dict(), "optimizer": opt.state_dict()}
                 if teacher is not None:
                     state["teacher"] = teacher.state_dict()
-                _write_atomic(ck, lambda t: _torch_save(state, t))
-                _save_json(d / "run.json", {**base_info, "complete": False, "step": step + 1})
+                run.save_checkpoint(step + 1, state)
+                run.mark(base, step + 1)
         else:
             step = end
     finally:
         bar.close()
-        try:
-            fh.close()
-        except OSError:  # a failed write is being reported already; the checkpoint holds the rows
-            pass
+        metrics.close()
     seconds = time.perf_counter() - t0
     if step < total or end < total:
-        return {"init": meta["init"], "status": "stopped", "steps": len(rows), "run_dir": str(d)}
+        return {"init": meta["init"], "status": "stopped", "steps": len(rows), "run_dir": str(run.path)}
     ev = evaluate(net, ds, val, f["voxel_size"], device)
-    model = {"model": net.state_dict(), "model_name": meta["model_name"], "in_channels": 3,
-             "out_channels": NUM_CLASSES, "num_classes": NUM_CLASSES, "classes": CLASS_NAMES,
-             "ignore_index": IGNORE_INDEX, "voxel_size": f["voxel_size"], "init": meta["init"],
-             "method": "finetune", "steps": total}
-    _write_atomic(d / "model.pt", lambda t: _torch_save(model, t))
-    _save_json(d / "eval.json", {k: v for k, v in ev.items()})
-    title = f"finetune {meta['init']}{'/' + str(meta.get('pretrain_method')) if meta['init'] != 'scratch' else ''}" \
-            f" ({meta['model_name']}, {total} steps) on {len(val)} val scenes"
-    _write_atomic(d / "eval.txt", lambda t: t.write_text(format_table(ev, title) + "\n"))
-    if rows:
-        plot_loss(rows, d / "loss.png", f"finetune ({meta['init']})")
-    timing = {"seconds": round(seconds, 2), "s_per_step": round(seconds / max(1, end - start), 3),
-              "peak_rss_mb": peak_rss}
-    info = {**base_info, "complete": True, "step": total, "timing": timing,
-            "eval": {k: ev[k] for k in ("miou", "macc", "overall_acc")}}
-    _save_json(d / "run.json", info)
-    log.info("finetune: val mIoU %s mAcc %s (%s)", _pct(ev["miou"]), _pct(ev["macc"]), d)
-    return _summary(f, info, d, seconds, "trained")
+    model = {
+        "model": net.state_dict(),
+        "model_name": meta["model_name"],
+        "in_channels": 3,
+        "out_channels": NUM_CLASSES,
+        "num_classes": NUM_CLASSES,
+        "classes": CLASS_NAMES,
+        "ignore_index": IGNORE_INDEX,
+        "voxel_size": f["voxel_size"],
+        "init": meta["init"],
+        "method": "finetune",
+        "steps": total,
+    }
+    save_json(run.path / "eval.json", {k: v for k, v in ev.items()})
+    title = (
+        f"finetune {meta['init']}{'/' + str(meta.get('pretrain_method')) if meta['init'] != 'scratch' else ''}"
+        f" ({meta['model_name']}, {total} steps) on {len(val)} val scenes"
+    )
+    write_atomic(run.path / "eval.txt", lambda t: t.write_text(format_table(ev, title) + "\n"))
+    timing = {
+        "seconds": round(seconds, 2),
+        "s_per_step": round(seconds / max(1, end - start), 3),
+        "peak_rss_mb": peak_rss,
+    }
+    evs = {k: ev[k] for k in ("miou", "macc", "overall_acc")}
+    run.finish(model, base, total, rows, f"finetune ({meta['init']})", timing=timing, eval=evs)
+    log.info("finetune: val mIoU %s mAcc %s (%s)", _pct(ev["miou"]), _pct(ev["macc"]), run.path)
+    return _summary(f, run.info, run.path, seconds, "trained")
 
 
 def _rss_mb() -> int:
     """Peak resident memory of this process so far, MB (Linux ru_maxrss is in KB)."""
-    import resource
-
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 
 
 def _summary(f: dict, info: dict, d: Path, seconds: float, status_: str) -> dict:
     ev = info.get("eval") or {}
-    return {"init": info["meta"]["init"], "status": status_, "steps": info["steps"],
-            "val_miou": _pct(ev.get("miou")), "val_macc": _pct(ev.get("macc")),
-            "seconds": round(seconds, 1), "run_dir": str(d)}
+    return {
+        "init": info["meta"]["init"],
+        "status": status_,
+        "steps": info["steps"],
+        "val_miou": _pct(ev.get("miou")),
+        "val_macc": _pct(ev.get("macc")),
+        "seconds": round(seconds, 1),
+        "run_dir": str(d),
+    }
 
 
 def run(cfg: dict) -> list[dict]:
     """One summary row. One process per run folder: a second one on the same run is refused."""
     try:
-        with stage_lock(get_workdir(cfg), f"finetune-{run_dir(cfg).name}"):
+        with run_lock(get_workdir(cfg), "finetune", run_dir(cfg)):
             return [train(cfg)]
     except (ReaderError, StoreError) as exc:
         raise FinetuneError(str(exc)) from None
@@ -571,18 +597,22 @@ def run(cfg: dict) -> list[dict]:
 
 # ----------------------------------------------------------------------------- eval CHECKPOINT
 
+
 def load_segmentation_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """A fine-tuned network from a run folder or model.pt, checked: segmentation head with the
     benchmark's class count, weights that fit the named architecture."""
     state = read_model_file(path)
     where = state["path"]
     if "num_classes" not in state:
-        raise FinetuneError(f"{where}: a {state.get('method', 'pretrain')} checkpoint without a segmentation "
-                            f"head (no 'num_classes'); fine-tune it first: lift3d run finetune -o "
-                            f"finetune.init={Path(where).parent}")
+        raise FinetuneError(
+            f"{where}: a {state.get('method', 'pretrain')} checkpoint without a segmentation "
+            f"head (no 'num_classes'); fine-tune it first: lift3d run finetune -o "
+            f"finetune.init={Path(where).parent}"
+        )
     if int(state["num_classes"]) != NUM_CLASSES:
-        raise FinetuneError(f"{where}: the checkpoint predicts {state['num_classes']} classes, the ScanNet "
-                            f"benchmark has {NUM_CLASSES}")
+        raise FinetuneError(
+            f"{where}: the checkpoint predicts {state['num_classes']} classes, the ScanNet benchmark has {NUM_CLASSES}"
+        )
     net = build_model(state["model_name"], int(state.get("in_channels", 3)), int(state["num_classes"]))
     _load_weights(net, state["model"], where, skip_final=False)
     return net, state
@@ -594,12 +624,29 @@ def eval_checkpoint(cfg: dict, path: str | Path, split: str = "val", dataset: st
     if dataset:
         cfg = {**cfg, "finetune": {**cfg["finetune"], "dataset": dataset}}
     ds = LabelledDataset(dataset_entry(cfg), get_workdir(cfg))
-    device = resolve_device(cfg["finetune"].get("device"))
+    device = resolve_device(cfg["finetune"].get("device"), "finetune.device")
     net.to(device)
     res = evaluate(net, ds, ds.split(split), float(state["voxel_size"]), device)
     return {"checkpoint": state["path"], "split": split, **res}
 
 
-__all__ = ["run", "status", "train", "run_dir", "identity", "evaluate", "eval_checkpoint", "FinetuneError",
-           "load_segmentation_model", "read_model_file", "build_network", "augment_scene", "voxelise",
-           "entropy_loss", "rampup", "ema_update", "scene_order", "dataset_entry"]
+__all__ = [
+    "run",
+    "status",
+    "train",
+    "run_dir",
+    "identity",
+    "evaluate",
+    "eval_checkpoint",
+    "FinetuneError",
+    "load_segmentation_model",
+    "read_model_file",
+    "build_network",
+    "augment_scene",
+    "voxelise",
+    "entropy_loss",
+    "rampup",
+    "ema_update",
+    "scene_order",
+    "dataset_entry",
+]

@@ -17,8 +17,7 @@ def ppnce(z3d: torch.Tensor, z2d: torch.Tensor, temperature: float = 0.04) -> to
     negatives, and tau the temperature (0.04 in the paper). Inputs are (n, d), already unit-norm.
     """
     if z3d.dim() != 2 or z3d.shape != z2d.shape:
-        raise ValueError(f"z3d and z2d must be (n, d) of one shape, got {tuple(z3d.shape)} "
-                         f"and {tuple(z2d.shape)}")
+        raise ValueError(f"z3d and z2d must be (n, d) of one shape, got {tuple(z3d.shape)} and {tuple(z2d.shape)}")
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     n = z3d.shape[0]
@@ -36,8 +35,10 @@ def soft_ce(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     point i and t_i the 2D teacher's class distribution at the point's pixel.
     """
     if logits.shape != target_probs.shape or logits.dim() != 2:
-        raise ValueError(f"logits and target_probs must be (n, C) of one shape, got "
-                         f"{tuple(logits.shape)} and {tuple(target_probs.shape)}")
+        raise ValueError(
+            f"logits and target_probs must be (n, C) of one shape, got "
+            f"{tuple(logits.shape)} and {tuple(target_probs.shape)}"
+        )
     logp = F.log_softmax(logits, dim=1)
     return -(target_probs.to(logp.dtype) * logp).sum(dim=1).mean()
 
@@ -50,22 +51,23 @@ def topk_to_dense(prob: torch.Tensor, index: torch.Tensor, num_classes: int) -> 
     k probabilities are all zero get 1/k each) and scattered into their classes.
     """
     if prob.shape != index.shape or prob.dim() != 2:
-        raise ValueError(f"prob and index must be (n, k) of one shape, got {tuple(prob.shape)} "
-                         f"and {tuple(index.shape)}")
+        raise ValueError(
+            f"prob and index must be (n, k) of one shape, got {tuple(prob.shape)} and {tuple(index.shape)}"
+        )
     p = prob.to(torch.float32).clamp_min(0.0)
     idx = index.to(torch.long)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_classes):
         raise ValueError(f"class index out of range [0, {num_classes})")
     s = p.sum(dim=1, keepdim=True)
     k = p.shape[1]
-    p = torch.where(s > 0, p / s.clamp_min(torch.finfo(p.dtype).tiny),
-                    torch.full_like(p, 1.0 / max(k, 1)))
+    p = torch.where(s > 0, p / s.clamp_min(torch.finfo(p.dtype).tiny), torch.full_like(p, 1.0 / max(k, 1)))
     out = torch.zeros(p.shape[0], num_classes, dtype=p.dtype, device=p.device)
     return out.scatter_add_(1, idx, p)
 
 
-def ppkd(logits3d: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
-         teacher_is_prob: bool = False) -> torch.Tensor:
+def ppkd(
+    logits3d: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0, teacher_is_prob: bool = False
+) -> torch.Tensor:
     """Point-pixel knowledge distillation (PPKT's PPKD ablation baseline).
 
     L = tau^2 (1/n) sum_i KL(p_i || q_i),  p_i = softmax(t_i / tau),  q_i = softmax(s_i / tau),
@@ -75,8 +77,9 @@ def ppkd(logits3d: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0
     as is). KL uses 0 log 0 = 0.
     """
     if logits3d.shape != teacher.shape or logits3d.dim() != 2:
-        raise ValueError(f"logits3d and teacher must be (n, C) of one shape, got "
-                         f"{tuple(logits3d.shape)} and {tuple(teacher.shape)}")
+        raise ValueError(
+            f"logits3d and teacher must be (n, C) of one shape, got {tuple(logits3d.shape)} and {tuple(teacher.shape)}"
+        )
     if temperature <= 0:
         raise ValueError("temperature must be positive")
     t = teacher.detach().to(logits3d.dtype)  # the teacher is frozen
@@ -85,4 +88,4 @@ def ppkd(logits3d: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0
     p = F.softmax(t / temperature, dim=1)
     log_q = F.log_softmax(logits3d / temperature, dim=1)
     kl = torch.xlogy(p, p) - p * log_q
-    return (temperature ** 2) * kl.sum(dim=1).mean()
+    return (temperature**2) * kl.sum(dim=1).mean()

@@ -24,17 +24,29 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from lift3d.classmaps import scannet20_names
-from pipeline.reader_common import read_split
-from pipeline.readers import ReaderError, make_reader
-from pipeline.scannet_labels import IGNORE_INDEX, nyu40_to_scannet20, read_labelled_mesh
+from lift3d.core import checkpoint as ckpt
+from lift3d.core.classmaps import scannet20_names
+from lift3d.pipeline.readers.base import ReaderError, make_reader
+from lift3d.pipeline.readers.common import read_split
+from lift3d.pipeline.readers.scannet_labels import IGNORE_INDEX, nyu40_to_scannet20, read_labelled_mesh
 
 NUM_CLASSES = 20
-LABELLED_KINDS = ("scannet", "synthetic")   # datasets in ScanNet's raw layout with labelled meshes
+LABELLED_KINDS = ("scannet", "synthetic")  # datasets in ScanNet's raw layout with labelled meshes
 
-__all__ = ["Scene", "LabelledDataset", "IGNORE_INDEX", "NUM_CLASSES", "CLASS_NAMES", "load_scene",
-           "read_la_file", "read_lr_file", "make_la_file", "make_lr_file"]
+__all__ = [
+    "Scene",
+    "LabelledDataset",
+    "IGNORE_INDEX",
+    "NUM_CLASSES",
+    "CLASS_NAMES",
+    "load_scene",
+    "read_la_file",
+    "read_lr_file",
+    "make_la_file",
+    "make_lr_file",
+]
 
 CLASS_NAMES = scannet20_names()
 
@@ -42,9 +54,9 @@ CLASS_NAMES = scannet20_names()
 @dataclass
 class Scene:
     name: str
-    xyz: np.ndarray      # float32 (V, 3), metres, the .sens pose frame (world z up)
-    rgb: np.ndarray      # uint8 (V, 3)
-    labels: np.ndarray   # int64 (V,), ScanNet-20 index or IGNORE_INDEX
+    xyz: np.ndarray  # float32 (V, 3), metres, the .sens pose frame (world z up)
+    rgb: np.ndarray  # uint8 (V, 3)
+    labels: np.ndarray  # int64 (V,), ScanNet-20 index or IGNORE_INDEX
 
 
 @lru_cache(maxsize=64)
@@ -60,11 +72,13 @@ class LabelledDataset:
 
     def __init__(self, entry: dict, workdir: Path):
         if entry["kind"] not in LABELLED_KINDS:
-            raise ReaderError(f"dataset {entry['name']!r}: kind {entry['kind']!r} has no labelled meshes in "
-                              f"ScanNet's layout; fine-tuning reads kinds {', '.join(LABELLED_KINDS)}")
+            raise ReaderError(
+                f"dataset {entry['name']!r}: kind {entry['kind']!r} has no labelled meshes in "
+                f"ScanNet's layout; fine-tuning reads kinds {', '.join(LABELLED_KINDS)}"
+            )
         self.entry = entry
         reader = make_reader({**entry, "split": "all"}, workdir)
-        reader.prepare()   # the synthetic dataset generates itself here when it is not there yet
+        reader.prepare()  # the synthetic dataset generates itself here when it is not there yet
         self.root = Path(reader.root)
         self.scans = self.root / "scans"
 
@@ -73,9 +87,11 @@ class LabelledDataset:
         ids = read_split(self.root / f"scannetv2_{name}.txt", name)
         missing = [s for s in ids if not (self.scans / s / f"{s}_vh_clean_2.labels.ply").is_file()]
         if missing:
-            raise ReaderError(f"{self.root / f'scannetv2_{name}.txt'}: {len(missing)} scene(s) of split {name!r} "
-                              f"have no {missing[0]}_vh_clean_2.labels.ply under {self.scans} "
-                              f"(first: {', '.join(missing[:3])})")
+            raise ReaderError(
+                f"{self.root / f'scannetv2_{name}.txt'}: {len(missing)} scene(s) of split {name!r} "
+                f"have no {missing[0]}_vh_clean_2.labels.ply under {self.scans} "
+                f"(first: {', '.join(missing[:3])})"
+            )
         return ids
 
     def scene(self, name: str) -> Scene:
@@ -84,34 +100,36 @@ class LabelledDataset:
 
 # ----------------------------------------------------------------------------- benchmark files
 
+
 def read_la_file(path: str | Path, scenes: dict[str, int]) -> dict[str, np.ndarray]:
     """Limited annotations: ``torch.save`` dict scene -> int64 vertex indices, checked against
     ``scenes`` (scene id -> vertex count): every scene must be one of them, every index in range."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise ReaderError(f"finetune.la_file {path}: no such file (a torch.save dict scene id -> vertex indices)")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a broken file
-        raise ReaderError(f"{path}: not a torch.save file: {type(exc).__name__}: {exc}") from None
+    raw = ckpt.load(path, "a torch.save dict scene id -> vertex indices", numpy=True, error=ReaderError)
     if not isinstance(raw, dict):
         raise ReaderError(f"{path}: expected a dict scene id -> vertex indices, got {type(raw).__name__}")
     out = {}
     for scene, idx in raw.items():
         if scene not in scenes:
-            raise ReaderError(f"{path}: scene {scene!r} is not a training scene of this dataset "
-                              f"({len(scenes)} known, e.g. {', '.join(sorted(scenes)[:3])})")
+            raise ReaderError(
+                f"{path}: scene {scene!r} is not a training scene of this dataset "
+                f"({len(scenes)} known, e.g. {', '.join(sorted(scenes)[:3])})"
+            )
         arr = np.asarray(idx.numpy() if hasattr(idx, "numpy") else idx)
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise ReaderError(f"{path}: scene {scene!r}: expected a 1-D integer array of vertex indices, "
-                              f"got shape {arr.shape} dtype {arr.dtype}")
+            raise ReaderError(
+                f"{path}: scene {scene!r}: expected a 1-D integer array of vertex indices, "
+                f"got shape {arr.shape} dtype {arr.dtype}"
+            )
         n = scenes[scene]
         bad = arr[(arr < 0) | (arr >= n)]
         if len(bad):
-            raise ReaderError(f"{path}: scene {scene!r}: vertex index {int(bad[0])} out of range "
-                              f"(the mesh has {n} vertices; {len(bad)} bad indices)")
+            raise ReaderError(
+                f"{path}: scene {scene!r}: vertex index {int(bad[0])} out of range "
+                f"(the mesh has {n} vertices; {len(bad)} bad indices)"
+            )
         out[scene] = np.unique(arr.astype(np.int64))
     if not out:
         raise ReaderError(f"{path}: no scenes")
@@ -124,8 +142,10 @@ def read_lr_file(path: str | Path, scenes: list[str]) -> list[str]:
     ids = read_split(path)
     unknown = sorted(set(ids) - set(scenes))
     if unknown:
-        raise ReaderError(f"finetune.lr_file {path}: {len(unknown)} scene(s) are not training scenes of this "
-                          f"dataset (first: {', '.join(unknown[:3])})")
+        raise ReaderError(
+            f"finetune.lr_file {path}: {len(unknown)} scene(s) are not training scenes of this "
+            f"dataset (first: {', '.join(unknown[:3])})"
+        )
     if not ids:
         raise ReaderError(f"finetune.lr_file {path}: no scene ids")
     return ids
@@ -133,8 +153,6 @@ def read_lr_file(path: str | Path, scenes: list[str]) -> list[str]:
 
 def make_la_file(ds: LabelledDataset, scenes: list[str], points: int, seed: int, out: str | Path) -> Path:
     """Write an LA file: ``points`` random labelled vertices (ScanNet-20 classes) per scene."""
-    import torch
-
     rng = np.random.default_rng(seed)
     data = {}
     for s in sorted(scenes):
