@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 
 import click
 
@@ -65,6 +66,11 @@ def main(verbose: bool) -> None:
 
     Stages (stages.yaml): frames -> teacher, points -> pretrain -> finetune, distill2d.
     """
+    if not verbose:
+        # third-party warnings (MinkowskiEngine's CPU_ONLY notice at every import, deprecations) stay
+        # off the terminal; -v shows them. Child processes (dask workers, verdict jobs) inherit this.
+        warnings.filterwarnings("ignore", module=r"(?!lift3d)")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -94,9 +100,12 @@ def main(verbose: bool) -> None:
 @click.argument("stage", type=click.Choice(list(S.ORDER) + ["all"]))
 @config_opt
 @override_opt
-def run(stage, config_path, overrides):
+@click.option("--rebuild", is_flag=True, help="Replace complete stores made by another configuration (rebuild: true).")
+def run(stage, config_path, overrides, rebuild):
     """Run STAGE (or `all`: every stage that is not done, in order)."""
     cfg = _load(config_path, overrides)
+    if rebuild:
+        cfg["rebuild"] = True
     todo = [stage] if stage != "all" else list(S.ORDER)
     for name in todo:
         if stage == "all":
@@ -112,6 +121,18 @@ def run(stage, config_path, overrides):
         _summary(name, rows, time.perf_counter() - t0)
 
 
+def _sparse_build() -> str:
+    """One line about the sparse-convolution library this environment has."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its CPU_ONLY notice: said here in words instead
+            import MinkowskiEngine as ME  # heavy: only status reports it
+    except ImportError as exc:
+        return f"MinkowskiEngine is not importable ({exc}): run 'make install'"
+    kind = "CUDA" if ME.is_cuda_available() else "CPU only (compiled without CUDA)"
+    return f"MinkowskiEngine {ME.__version__}, {kind}"
+
+
 @main.command()
 @config_opt
 @override_opt
@@ -119,6 +140,7 @@ def status(config_path, overrides):
     """Each stage as done / out of date / missing, and why."""
     cfg = _load(config_path, overrides)
     click.echo(f"workdir: {C.workdir(cfg)}")
+    click.echo(f"build:   {_sparse_build()}")
     upstream_bad: set[str] = set()
     graph = cfg["graph"]
     for name in S.ORDER:
@@ -145,7 +167,7 @@ def synth(out, scenes, seed):
     click.echo(f"wrote {scenes} scenes to {out}")
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})  # so that FRAME may be written -1
 @click.argument("dataset")
 @click.argument("frame", type=int)
 @click.option("--out", "out_png", default="show.png", show_default=True, type=click.Path(dir_okay=False))
@@ -154,6 +176,8 @@ def synth(out, scenes, seed):
 @override_opt
 def show(dataset, frame, out_png, ply, config_path, overrides):
     """Write a PNG of frame FRAME of DATASET: RGB, depth and its points from a second viewpoint."""
+    if frame < 0:
+        raise click.BadParameter(f"{frame}: frames are numbered from 0", param_hint="FRAME")
     from lift3d.pipeline.show import show as show_frame
 
     cfg = _load(config_path, overrides)

@@ -15,9 +15,11 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from lift3d.core.cluster import dask_client, run_tasks
+from lift3d.core.cluster import TaskFailures, dask_client, run_groups, run_tasks
+from lift3d.core.config import sha256_json
 from lift3d.core.config import workdir as get_workdir
-from lift3d.core.store import GroupWriter, PartWriter, stage_lock
+from lift3d.core.graph import stage_identity
+from lift3d.core.store import GroupWriter, PartWriter, failed_scenes, stage_lock, writing
 from lift3d.pipeline.readers.base import Frame, make_reader
 
 log = logging.getLogger("lift3d")
@@ -28,7 +30,7 @@ SMALL_ROWS = 4096  # rows per chunk of the small per-frame arrays (pose, intrins
 
 def frames_config(cfg: dict, entry: dict) -> dict:
     """The identity of one frames group: this stage's section plus the dataset entry."""
-    return {"stage": cfg["frames"], "dataset": entry}
+    return {"stage": stage_identity(cfg, "frames"), "dataset": entry}
 
 
 def rigid_pose(pose) -> bool:
@@ -104,32 +106,31 @@ def scene_task(entry: dict, workdir: str, scene: str, part: str, stage_cfg: dict
 
 
 def run(cfg: dict) -> list[dict]:
-    """Run the frames stage for every configured dataset; returns one summary row per dataset."""
+    """Run the frames stage for every configured dataset; returns one summary row per dataset.
+    Every scene's task runs even when some fail; the failures are listed at the end (and in
+    ``<workdir>/logs/frames-failures.json``), and with ``skip_failed_scenes`` the groups are
+    committed without them."""
     wd = get_workdir(cfg)
     wd.mkdir(parents=True, exist_ok=True)
-    rows = []
+    skip = bool(cfg.get("skip_failed_scenes"))
+    hint = "re-running redoes only these" + (
+        "" if skip else "; fix or remove them, or set skip_failed_scenes: true to commit without them"
+    )
+    jobs = [(e["name"], lambda failures, e=e: run_dataset(cfg, e, wd, failures)) for e in cfg["datasets"]]
     with stage_lock(wd, "frames"):
-        for entry in cfg["datasets"]:
-            rows.append(run_dataset(cfg, entry, wd))
-    return rows
+        return run_groups(wd, "frames", jobs, skip, hint)
 
 
-def run_dataset(cfg: dict, entry: dict, wd: Path) -> dict:
-    writer = GroupWriter(wd, "frames", entry["name"], frames_config(cfg, entry))
-    if writer.up_to_date():
+def run_dataset(cfg: dict, entry: dict, wd: Path, failures: dict | None = None) -> dict:
+    failures = {} if failures is None else failures
+    config = frames_config(cfg, entry)
+    before = failed_scenes(wd, "frames", entry["name"], sha256_json(config))  # skipped by an earlier run
+    writer = GroupWriter(wd, "frames", entry["name"], config, failed=list(before))
+    if writer.up_to_date() and not before:
         attrs = writer_attrs(writer)
         log.info("frames/%s: up to date (%d frames), nothing to do", entry["name"], attrs["n_frames"])
-        return {
-            "dataset": entry["name"],
-            "status": "up to date",
-            "frames": attrs["n_frames"],
-            "skipped": attrs.get("skipped", {}),
-            "seconds": 0.0,
-            "task_seconds": 0.0,
-            "tasks_wall_seconds": 0.0,
-            "cluster_seconds": 0.0,
-            "commit_seconds": 0.0,
-        }
+        return _row(entry, "up to date", attrs["n_frames"], attrs.get("skipped", {}))
+    writer.check_replace(bool(cfg.get("rebuild")))
     t0 = time.perf_counter()
     reader = make_reader(entry, wd)
     reader.prepare()
@@ -155,26 +156,56 @@ def run_dataset(cfg: dict, entry: dict, wd: Path) -> dict:
     tasks = [(s, (entry, str(wd), s, str(writer.part_path(s)), cfg["frames"])) for s in todo]
     timings: dict = {}
     t_cluster = time.perf_counter()
+    results: dict = {}
     with dask_client(cfg["cluster"]) as client:
-        results = run_tasks(client, scene_task, tasks, desc=f"frames/{entry['name']}", timings=timings)
+        try:
+            results = run_tasks(client, scene_task, tasks, desc=f"frames/{entry['name']}", timings=timings)
+        except TaskFailures as exc:
+            failures.update(exc.failures)
+            if not cfg.get("skip_failed_scenes") or len(exc.failures) == len(scenes):
+                raise  # nothing is committed; the good scenes' parts are kept for the re-run
+    if writer.up_to_date() and sorted(failures) == writer.failed:
+        log.info("frames/%s: up to date; the %d failed scene(s) still fail", entry["name"], len(failures))
+        attrs = writer_attrs(writer)
+        return _row(entry, "up to date", attrs["n_frames"], attrs.get("skipped", {}))
     t_commit = time.perf_counter()
-    skipped = writer.commit(
-        scenes,
-        attrs={"stored_size": [h, w], "kind": entry["kind"]},
+    good = [s for s in scenes if s not in failures]
+    final = GroupWriter(wd, "frames", entry["name"], config, failed=list(failures))
+    skipped = final.commit(
+        good,
+        attrs={"stored_size": [h, w], "kind": entry["kind"], **({"failed_scenes": failures} if failures else {})},
         chunks={"rgb": (chunk, h, w, 3), "depth": (chunk, h, w)},
+        keep_parts=bool(failures),
     )
-    n = writer_attrs(writer)["n_frames"]
+    if failures:
+        skipped = {**skipped, "failed_scene": len(failures)}
+        with writing(final.path, "record the failed scenes"):
+            zarr.open_group(str(final.path), mode="a").attrs["skipped"] = dict(sorted(skipped.items()))
+        log.warning(
+            "frames/%s: committed without %d failed scene(s) (skip_failed_scenes)", entry["name"], len(failures)
+        )
     done = time.perf_counter()
     return {
-        "dataset": entry["name"],
-        "status": "written",
-        "frames": n,
-        "skipped": skipped,
+        **_row(entry, "written", writer_attrs(final)["n_frames"], skipped),
         "seconds": done - t0,
         "task_seconds": sum(r["seconds"] for r in results.values()),
         "tasks_wall_seconds": timings.get("tasks", 0.0),
         "cluster_seconds": t_commit - t_cluster - timings.get("tasks", 0.0),
         "commit_seconds": done - t_commit,
+    }
+
+
+def _row(entry: dict, status: str, frames: int, skipped: dict) -> dict:
+    return {
+        "dataset": entry["name"],
+        "status": status,
+        "frames": frames,
+        "skipped": skipped,
+        "seconds": 0.0,
+        "task_seconds": 0.0,
+        "tasks_wall_seconds": 0.0,
+        "cluster_seconds": 0.0,
+        "commit_seconds": 0.0,
     }
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from lift3d.core.cluster import dask_client, run_tasks
+from lift3d.core.cluster import ROWS_FOLLOW_FRAMES, dask_client, run_groups, run_tasks
 from lift3d.core.config import workdir as get_workdir
 from lift3d.core.graph import Group, groups
 from lift3d.core.store import GroupWriter, PartWriter, StoreError, open_group, stage_lock
@@ -285,8 +285,14 @@ def run(cfg: dict) -> list[dict]:
     """Run the points stage for every configured dataset; returns one summary row per dataset."""
     wd = get_workdir(cfg)
     wd.mkdir(parents=True, exist_ok=True)
+    jobs = [(g.path, lambda _failures, g=g: run_dataset(cfg, g, wd)) for g in groups(cfg, "points")]
     with stage_lock(wd, "points"):
-        return [run_dataset(cfg, g, wd) for g in groups(cfg, "points")]
+        return run_groups(
+            wd,
+            "points",
+            jobs,
+            hint=ROWS_FOLLOW_FRAMES,
+        )
 
 
 def _row(name: str, status: str, n_frames: int, counts: dict, seconds: float) -> dict:
@@ -320,6 +326,7 @@ def run_dataset(cfg: dict, g: Group, wd: Path) -> dict:
         attrs = dict(zarr.open_group(str(writer.path), mode="r").attrs)
         log.info("points/%s: up to date (%d frames), nothing to do", name, attrs["n_frames"])
         return _row(name, "up to date", attrs["n_frames"], attrs.get("point_counts", {}), 0.0)
+    writer.check_replace(bool(cfg.get("rebuild")))
     t0 = time.perf_counter()
     scenes = list(frames.attrs["scenes"])
     scene_index = frames["scene_index"][...]

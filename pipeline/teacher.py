@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import shutil
 import threading
 import time
 from contextlib import nullcontext
@@ -61,10 +60,10 @@ import numpy as np
 import torch
 import zarr
 
-from lift3d.core.cluster import dask_client, run_tasks
+from lift3d.core.cluster import ROWS_FOLLOW_FRAMES, dask_client, run_groups, run_tasks
 from lift3d.core.config import workdir as get_workdir
 from lift3d.core.device import resolve_device as core_resolve_device
-from lift3d.core.graph import Group, diff_keys, groups
+from lift3d.core.graph import Group, groups
 from lift3d.core.progress import bar as progress_bar
 from lift3d.core.store import GroupWriter, PartWriter, StoreError, group_state, open_group, stage_lock, writing
 from lift3d.pipeline.teachers import pca as P
@@ -444,11 +443,14 @@ def run(cfg: dict) -> list[dict]:
     """Run the teacher stage for every configured dataset; one summary row per dataset."""
     wd = get_workdir(cfg)
     wd.mkdir(parents=True, exist_ok=True)
-    rows = []
+    jobs = [(g.path, lambda _failures, g=g: run_group(cfg, g, wd)) for g in groups(cfg, "teacher")]
     with stage_lock(wd, "teacher"):
-        for g in groups(cfg, "teacher"):
-            rows.append(run_group(cfg, g, wd))
-    return rows
+        return run_groups(
+            wd,
+            "teacher",
+            jobs,
+            hint=ROWS_FOLLOW_FRAMES,
+        )
 
 
 def _part_ok(writer: GroupWriter, name: str, start: int, stop: int, part_attrs: dict) -> bool:
@@ -503,23 +505,14 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
         return _row(entry["name"], tcfg["name"], "up to date", old, 0, 0.0, 0.0)
 
     t0 = time.perf_counter()
-    if old is not None:
-        if not old.get("complete"):
-            why = "not complete (an interrupted commit)"
-        elif old.get("lineage_sha256") != writer.lineage_sha256:
-            changed = diff_keys(old.get("config", {}), g.config)
-            why = (
-                "made by another configuration (" + ", ".join(changed[:6]) + ")"
-                if changed
-                else "made from other frames (upstream lineage changed)"
-            )
-        else:
-            why = (
-                f"made with other weights (sha256 {str(old.get('weights_sha256'))[:12]} != "
-                f"{str(teacher.weights_sha256)[:12]})"
-            )
-        log.info("teacher/%s: %s; removing teacher.zarr/%s and rebuilding", g.path, why, g.path)
-        shutil.rmtree(writer.path)
+    if old is not None and old.get("complete") and old.get("lineage_sha256") == writer.lineage_sha256:
+        why = (
+            f"made with other weights (sha256 {str(old.get('weights_sha256'))[:12]} != "
+            f"{str(teacher.weights_sha256)[:12]})"
+        )
+        writer.check_replace(bool(cfg.get("rebuild")), why)
+    else:
+        writer.check_replace(bool(cfg.get("rebuild")))
 
     rgb = frames["rgb"]
     n_frames, h_img, w_img = int(rgb.shape[0]), int(rgb.shape[1]), int(rgb.shape[2])

@@ -9,7 +9,7 @@ LIFT3D=${VENV:-.venv}/bin/lift3d
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 t0=$(date +%s)
 for stage in frames teacher points; do
-  "$LIFT3D" run "$stage" "$@"
+  "$LIFT3D" run "$stage" --rebuild "$@"   # the demo's own workdir: its stores follow the demo's settings
 done
 "$LIFT3D" verdict --seeds "${SEEDS:-0}" --la-points 20 "$@"
 # the runs the verdict made are the stages of this configuration with 20 labelled points per scene

@@ -2,6 +2,10 @@
 
 MinkowskiEngine's OpenMP runtime reads OMP_NUM_THREADS when it is loaded, so it is set here,
 before any test module imports torch or MinkowskiEngine.
+
+The suite is a package: tests/unit/ (functions, layers, readers, config, stores), tests/stages/
+(each stage end to end on tiny data), tests/faults/ (kill and resume, bad input, I/O faults);
+the code they share lives in tests/fixtures/ and is imported as ``tests.fixtures.<module>``.
 """
 
 import os

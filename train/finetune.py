@@ -97,12 +97,35 @@ def _pretrain_run(cfg: dict) -> Path:
 
 
 def init_path(cfg: dict) -> Path | None:
-    """The model.pt fine-tuning starts from (None for scratch)."""
+    """The model.pt fine-tuning starts from (None for scratch). A relative ``finetune.init`` is
+    looked up under the workdir first, then in the current folder."""
     kind = _init_kind(cfg)
     if kind == "scratch":
         return None
-    p = _pretrain_run(cfg) if kind == "pretrain" else Path(cfg["finetune"]["init"]).expanduser()
+    p = _pretrain_run(cfg) if kind == "pretrain" else resolve_path(cfg, cfg["finetune"]["init"])
     return p / "model.pt" if p.is_dir() or kind == "pretrain" else p
+
+
+def resolve_path(cfg: dict, value: str) -> Path:
+    """A path from a setting: absolute as it is; relative, the first of <workdir>/value and
+    ./value that exists (else the workdir one, whose error then names both)."""
+    p = Path(str(value)).expanduser()
+    if p.is_absolute():
+        return p
+    for base in (get_workdir(cfg), Path.cwd()):
+        if (base / p).exists():
+            return base / p
+    return get_workdir(cfg) / p
+
+
+def missing_init(cfg: dict) -> str:
+    """The error for a ``finetune.init`` path that names no file, with every place looked at."""
+    value = cfg["finetune"]["init"]
+    p = Path(str(value)).expanduser()
+    msg = f"finetune.init: {value}: no such checkpoint (a run folder or its model.pt)"
+    if p.is_absolute():
+        return msg
+    return f"{msg}: neither {get_workdir(cfg) / p} (under the workdir) nor {Path.cwd() / p} (the current folder)"
 
 
 def init_identity(cfg: dict) -> dict:
@@ -220,6 +243,8 @@ def build_network(cfg: dict) -> tuple[torch.nn.Module, dict]:
             f"finetune.init: pretrain: {path} does not exist: run 'lift3d run pretrain' first "
             f"(or set finetune.init: scratch)"
         )
+    if _init_kind(cfg) == "file" and not path.exists():
+        raise FinetuneError(missing_init(cfg))
     state = read_model_file(path)
     name = state["model_name"]
     if f.get("model") and f["model"] != name:
@@ -235,6 +260,8 @@ def check_val_unseen(cfg: dict, ds: LabelledDataset, val: list[str]) -> None:
     if _init_kind(cfg) == "scratch":
         return
     path = init_path(cfg)
+    if _init_kind(cfg) == "file" and not path.exists():
+        raise FinetuneError(missing_init(cfg))
     info = read_json(path.parent / "run.json") if path else None
     if not info or "config" not in info:
         log.warning(

@@ -38,8 +38,8 @@ from lift3d.core.config import workdir as get_workdir
 from lift3d.core.device import resolve_device
 from lift3d.core.errors import StoreError
 from lift3d.core.graph import upstream_lineages as graph_upstream
+from lift3d.core.graph import upstream_problems
 from lift3d.core.progress import bar as progress_bar
-from lift3d.core.store import group_state
 from lift3d.nets.heads import UPL, ProjectionHead3D, SegHead
 from lift3d.nets.res16unet import build_model
 from lift3d.train import ddp
@@ -52,7 +52,7 @@ from lift3d.train.tensorboard import TensorBoard
 log = logging.getLogger("lift3d")
 
 # keys that do not change what is learned (left out of the run's identity)
-BOOKKEEPING = ("num_workers", "checkpoint_every", "run_name", "log_every", "backend")
+BOOKKEEPING = ("num_workers", "checkpoint_every", "run_name", "log_every", "backend", "device")
 METRICS = ["step", "loss", "lr", "time"]
 init_distributed = ddp.init_distributed
 
@@ -65,6 +65,8 @@ def identity(cfg: dict) -> dict:
     if not cfg["teacher"].get("flip_pass") and isinstance(p.get("augment"), dict):
         # without a teacher flip pass flip_2d cannot act: runs keep the identity they had before it
         p["augment"] = {k: v for k, v in p["augment"].items() if k != "flip_2d"}
+    # the device enters as what it computes on (bf16 autocast on a GPU), not as it is spelled
+    p["device"] = resolve_device(cfg["pretrain"].get("device"), "pretrain.device").type
     return {"pretrain": p, "datasets": cfg["datasets"], "teacher": cfg["teacher"]["name"]}
 
 
@@ -82,16 +84,9 @@ def upstream_lineages(cfg: dict) -> dict:
 def status(cfg: dict) -> tuple[str, list[str]]:
     """done when the run folder of the current identity is complete and was trained on the
     current caches; otherwise out of date (or missing) with the reasons."""
-    wd, d = get_workdir(cfg), run_dir(cfg)
+    d = run_dir(cfg)
     where = f"runs/pretrain/{d.name}"
-    reasons = []
-    for key, lin in upstream_lineages(cfg).items():
-        store, path = key.split(".zarr/", 1)
-        attrs = group_state(wd, store, path)
-        if attrs is None or not attrs.get("complete"):
-            reasons.append(f"{key} is missing or incomplete: run 'lift3d run {store}'")
-        elif attrs.get("lineage_sha256") != lin:
-            reasons.append(f"{key} is out of date: run 'lift3d run {store}'")
+    reasons = upstream_problems(cfg, upstream_lineages(cfg))
     state, why, info = run_status(
         d, where, reasons, (upstream_lineages(cfg), "was trained on other caches (upstream changed)")
     )

@@ -84,7 +84,12 @@ class LabelledDataset:
 
     def split(self, name: str) -> list[str]:
         """Scene ids of split ``train`` / ``val`` (from the split files), checked to exist on disk."""
-        ids = read_split(self.root / f"scannetv2_{name}.txt", name)
+        ids = read_split(
+            self.root / f"scannetv2_{name}.txt",
+            name,
+            f"fine-tuning reads ScanNet's train and val split files under the dataset's root ({self.root}): "
+            f"check its root, or add the file",
+        )
         missing = [s for s in ids if not (self.scans / s / f"{s}_vh_clean_2.labels.ply").is_file()]
         if missing:
             raise ReaderError(
@@ -139,6 +144,8 @@ def read_la_file(path: str | Path, scenes: dict[str, int]) -> dict[str, np.ndarr
 def read_lr_file(path: str | Path, scenes: list[str]) -> list[str]:
     """Limited reconstructions: scene ids (one per line) that must all be training scenes."""
     path = Path(path)
+    if not path.is_file():
+        raise ReaderError(f"finetune.lr_file {path}: no such file (a text file of scene ids, one per line)")
     ids = read_split(path)
     unknown = sorted(set(ids) - set(scenes))
     if unknown:

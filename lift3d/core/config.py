@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,30 @@ DATASET_COMMON = {
 SPLITS = ("train", "val", "all")
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML with the booleans of YAML 1.2: true / false only. YAML 1.1 also reads yes, no, on and off
+    as booleans, so a typo would pass silently; here they stay strings and a boolean key refuses them."""
+
+
+StrictLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -74,7 +93,7 @@ def apply_override(cfg: dict, item: str) -> None:
     if not all(keys):
         raise ConfigError(f"override {item!r}: empty key in {path!r}")
     try:
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
     node: Any = cfg

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lift3d.core.config import defaults, sha256_json, workdir
+from lift3d.core.device import resolve_device
 from lift3d.core.errors import ConfigError
 from lift3d.core.registry import STAGES
-from lift3d.core.store import group_state, lineage
+from lift3d.core.store import diff_keys, failed_scenes, group_state, lineage
 
 
 def stage_graph(cfg: dict | None = None) -> dict[str, list[str]]:
@@ -44,6 +45,7 @@ class Group:
     path: str  # group path inside the store
     config: dict
     upstream: "Group | None" = None
+    failed: tuple = ()  # scenes a committed group was made without (skip_failed_scenes)
 
     @property
     def config_sha256(self) -> str:
@@ -51,14 +53,35 @@ class Group:
 
     @property
     def lineage_sha256(self) -> str:
-        return lineage(self.config_sha256, self.upstream.lineage_sha256 if self.upstream else None)
+        return lineage(self.config_sha256, self.upstream.lineage_sha256 if self.upstream else None, self.failed)
+
+
+# settings that change how fast a stage runs, never what it writes: left out of its identity
+THROUGHPUT = {"frames": (), "teacher": ("batch_size", "shard_frames", "device"), "points": ()}
+
+
+def stage_identity(cfg: dict, stage: str) -> dict:
+    """The part of a preprocessing stage's section that enters its stores' identity. For the
+    teacher, the device enters as what it computes in (float32 on the CPU, bf16 autocast on a GPU),
+    resolved here; on a remote cluster, where each worker resolves ``auto`` itself, as written."""
+    section = {k: v for k, v in cfg[stage].items() if k not in THROUGHPUT[stage]}
+    if stage == "teacher":
+        spec = cfg["teacher"].get("device") or "auto"
+        remote = bool(cfg["cluster"].get("scheduler") or cfg["cluster"].get("jobqueue"))
+        if remote and spec == "auto":
+            section["precision"] = "auto (resolved on the workers)"
+        else:
+            cuda = resolve_device(spec, "teacher.device").type == "cuda"
+            section["precision"] = "bf16 autocast" if cuda else "float32"
+    return section
 
 
 def groups(cfg: dict, stage: str) -> list[Group]:
     """The store groups ``stage`` writes under the current configuration (one per dataset)."""
     out = []
     for entry in cfg["datasets"]:
-        frames = Group("frames", "frames", entry["name"], {"stage": cfg["frames"], "dataset": entry})
+        frames = Group("frames", "frames", entry["name"], {"stage": stage_identity(cfg, "frames"), "dataset": entry})
+        frames.failed = tuple(sorted(failed_scenes(workdir(cfg), "frames", frames.path, frames.config_sha256)))
         if stage == "frames":
             out.append(frames)
         elif stage == "teacher":
@@ -67,12 +90,20 @@ def groups(cfg: dict, stage: str) -> list[Group]:
                     "teacher",
                     "teacher",
                     f"{cfg['teacher']['name']}/{entry['name']}",
-                    {"stage": cfg["teacher"], "dataset": entry},
+                    {"stage": stage_identity(cfg, "teacher"), "dataset": entry},
                     frames,
                 )
             )
         elif stage == "points":
-            out.append(Group("points", "points", entry["name"], {"stage": cfg["points"], "dataset": entry}, frames))
+            out.append(
+                Group(
+                    "points",
+                    "points",
+                    entry["name"],
+                    {"stage": stage_identity(cfg, "points"), "dataset": entry},
+                    frames,
+                )
+            )
     return out
 
 
@@ -89,17 +120,13 @@ def group_status(wd: Path, g: Group) -> tuple[str, str]:
         return "out of date", f"{where}: config changed ({', '.join(changed[:6]) or 'hash differs'})"
     if attrs.get("lineage_sha256") != g.lineage_sha256:
         return "out of date", f"{where}: upstream {g.upstream.store}.zarr/{g.upstream.path} changed"
+    if attrs.get("failed_scenes"):
+        failed = attrs["failed_scenes"]
+        return "done", (
+            f"{where} up to date without {len(failed)} failed scene(s) (skip_failed_scenes): "
+            + "; ".join(f"{s}: {why}" for s, why in sorted(failed.items()))
+        )
     return "done", f"{where} up to date"
-
-
-def diff_keys(old, new, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested mappings (with old -> new)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            out += diff_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
-        return out
-    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
 def stage_status(cfg: dict, stage: str) -> tuple[str, list[str]]:
@@ -134,4 +161,18 @@ def upstream_lineages(cfg: dict, stage: str) -> dict:
         if s in seen and s in ("frames", "teacher", "points"):
             for g in groups(cfg, s):
                 out[f"{g.store}.zarr/{g.path}"] = g.lineage_sha256
+    return out
+
+
+def upstream_problems(cfg: dict, lineages: dict) -> list[str]:
+    """One reason per store group of ``lineages`` (from :func:`upstream_lineages`) that is missing,
+    incomplete or made under another configuration, each naming the stage to run."""
+    wd, out = workdir(cfg), []
+    for key, lin in lineages.items():
+        store, path = key.split(".zarr/", 1)
+        attrs = group_state(wd, store, path)
+        if attrs is None or not attrs.get("complete"):
+            out.append(f"{key} is missing or incomplete: run 'lift3d run {store}'")
+        elif attrs.get("lineage_sha256") != lin:
+            out.append(f"{key} is out of date: run 'lift3d run {store}'")
     return out

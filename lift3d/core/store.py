@@ -19,8 +19,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +34,8 @@ from zarr.codecs import ZstdCodec
 
 from lift3d.core.config import sha256_json
 from lift3d.core.errors import StoreError
+
+log = logging.getLogger("lift3d")
 
 SCHEMA_VERSION = 1
 COPY_BYTES = 64 << 20  # bytes per block when the committer copies a part
@@ -68,8 +72,20 @@ def store_path(workdir: Path, store: str) -> Path:
     return Path(workdir) / f"{store}.zarr"
 
 
-def lineage(config_sha: str, upstream_lineage: str | None) -> str:
-    return sha256_json([config_sha, upstream_lineage])
+def lineage(config_sha: str, upstream_lineage: str | None, failed: list[str] | tuple = ()) -> str:
+    """A group's identity chained with its upstream's. A group committed without some scenes (that
+    failed, with ``skip_failed_scenes``) holds other contents than its configuration says: the
+    failed scenes enter its lineage, so what was made from it goes out of date when they change."""
+    base = sha256_json([config_sha, upstream_lineage])
+    return sha256_json([base, sorted(failed)]) if failed else base
+
+
+def failed_scenes(workdir: Path, store: str, group: str, config_sha: str) -> dict[str, str]:
+    """The scenes a complete group of this configuration was committed without (scene -> reason)."""
+    attrs = group_state(workdir, store, group) or {}
+    if not attrs.get("complete") or attrs.get("config_sha256") != config_sha:
+        return {}
+    return dict(attrs.get("failed_scenes") or {})
 
 
 def group_state(workdir: Path, store: str, group: str) -> dict | None:
@@ -157,6 +173,7 @@ class GroupWriter:
         config: dict,
         upstream_sha256: str | None = None,
         upstream_lineage: str | None = None,
+        failed: list[str] | tuple = (),
     ):
         self.workdir = Path(workdir)
         self.store = store
@@ -164,12 +181,69 @@ class GroupWriter:
         self.config = config
         self.config_sha256 = sha256_json(config)
         self.upstream_sha256 = upstream_sha256
-        self.lineage_sha256 = lineage(self.config_sha256, upstream_lineage)
+        self.failed = sorted(failed)
+        self.lineage_sha256 = lineage(self.config_sha256, upstream_lineage, self.failed)
         self.path = store_path(workdir, store) / group
         self.parts_root = self.workdir / ".parts" / store / group
-        self.parts_dir = self.parts_root / self.lineage_sha256[:16]
+        # the parts depend on the configuration only, not on which scenes failed
+        self.parts_dir = self.parts_root / lineage(self.config_sha256, upstream_lineage)[:16]
+        self.recover()
 
     # -- state --------------------------------------------------------------------------
+    @property
+    def new_path(self) -> Path:
+        """Where a rebuild is assembled, beside the group it replaces (swapped in at commit)."""
+        return self.path.with_name(self.path.name + ".new")
+
+    @property
+    def old_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".old")
+
+    def recover(self) -> None:
+        """Finish a swap a kill interrupted: the group is missing but its replacement is complete
+        (or, before that, the old group was moved aside): put the right one in place."""
+        if self.path.exists():
+            shutil.rmtree(self.old_path, ignore_errors=True)
+            return
+        for candidate in (self.new_path, self.old_path):
+            meta = candidate / "zarr.json"
+            if meta.exists() and json.loads(meta.read_text()).get("attributes", {}).get("complete"):
+                os.replace(candidate, self.path)
+                break
+        shutil.rmtree(self.old_path, ignore_errors=True)
+
+    def check_replace(self, rebuild: bool, why: str = "") -> None:
+        """Refuse to replace a complete group made by another configuration unless ``rebuild``:
+        such a store can be hours of GPU time. The message names the changed keys, its size and age."""
+        attrs = group_state(self.workdir, self.store, self.group)
+        if not attrs or not attrs.get("complete"):
+            return
+        if attrs.get("lineage_sha256") == self.lineage_sha256 and not why:
+            return
+        if not why:
+            changed = diff_keys(attrs.get("config", {}), self.config)
+            why = (
+                ("made by another configuration (" + ", ".join(changed[:6]) + ")")
+                if changed
+                else ("made from another input (upstream changed)")
+            )
+        if rebuild:
+            log.info(
+                "%s.zarr/%s: %s; rebuilding it (--rebuild): the old store stays readable until the new one is "
+                "complete, then removing it",
+                self.store,
+                self.group,
+                why,
+            )
+            return
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        age = (time.time() - (self.path / "zarr.json").stat().st_mtime) / 3600
+        raise StoreError(
+            f"{self.store}.zarr/{self.group} ({size / 1e9:.2f} GB, made {age:.1f} h ago) was {why}; it is "
+            f"not replaced silently: re-run with --rebuild (or -o rebuild=true) to rebuild it (the old store "
+            f"stays readable until the new one is complete), or restore the old settings"
+        )
+
     def up_to_date(self) -> bool:
         attrs = group_state(self.workdir, self.store, self.group)
         return bool(
@@ -205,6 +279,7 @@ class GroupWriter:
         ragged: tuple[str, ...] = (),
         chunks: dict[str, tuple] | None = None,
         extra: dict[str, np.ndarray] | None = None,
+        keep_parts: bool = False,
     ) -> dict:
         """Assemble the done parts of ``scenes`` (sorted) into the final group.
 
@@ -212,16 +287,24 @@ class GroupWriter:
         the scene's position in the sorted list. Arrays named in ``ragged`` are concatenated too,
         and ``offsets`` (N + 1) is rebuilt from each part's ``counts``. ``extra`` arrays (not per
         frame, e.g. a fitted projection) are written as they are. Returns the summed skips.
+        ``keep_parts``: leave the parts after the commit (a group committed without failed scenes
+        is re-committed from them when a failed scene later succeeds).
         """
         scenes = sorted(scenes)
         missing = [s for s in scenes if not self.part_done(s)]
         if missing:
             raise StoreError(f"cannot commit {self.path}: parts not done for scenes {missing[:5]}")
         with writing(self.path, "write the final group"):
-            return self._commit(scenes, attrs, ragged, chunks or {}, extra or {})
+            return self._commit(scenes, attrs, ragged, chunks or {}, extra or {}, keep_parts)
 
     def _commit(
-        self, scenes: list[str], attrs: dict, ragged: tuple[str, ...], chunks: dict, extra: dict[str, np.ndarray]
+        self,
+        scenes: list[str],
+        attrs: dict,
+        ragged: tuple[str, ...],
+        chunks: dict,
+        extra: dict[str, np.ndarray],
+        keep_parts: bool = False,
     ) -> dict:
         parts = [zarr.open_group(str(self.part_path(s)), mode="r") for s in scenes]
         skipped: Counter = Counter()
@@ -229,14 +312,18 @@ class GroupWriter:
             skipped.update(p.attrs.get("skipped", {}))
         names = [n for n in array_paths(parts[0]) if n != "counts"] if parts else []
         totals = {n: sum(p[n].shape[0] for p in parts) for n in names}
-        if self.path.exists():
-            shutil.rmtree(self.path)
+        # the new group is assembled beside the old one and swapped in when complete: a kill or a
+        # failure during a rebuild leaves the old store as it was
+        target = self.new_path
+        if target.exists():
+            shutil.rmtree(target)
         root = zarr.open_group(str(store_path(self.workdir, self.store)), mode="a")
         # create intermediate groups (e.g. teacher.zarr/<teacher>/)
         node = root
-        for piece in self.group.split("/"):
+        *parents, leaf = self.group.split("/")
+        for piece in parents:
             node = node.require_group(piece)
-        group = node
+        group = node.require_group(leaf + ".new")
         group.attrs.update({"complete": False})
         for n in names:
             ref = parts[0][n]
@@ -271,7 +358,7 @@ class GroupWriter:
                 if linkable:  # encoded chunks carry over as they are: hard-link them, no re-encoding
                     _link_chunks(
                         Path(p.store.root) / p.path / n,
-                        self.path / n,
+                        target / n,
                         pos,
                         m,
                         len(shape),
@@ -308,7 +395,12 @@ class GroupWriter:
             }
         )
         group.attrs.update({"complete": True})  # last: readers refuse the group until now
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        if self.path.exists():
+            os.replace(self.path, self.old_path)
+        os.replace(target, self.path)
+        shutil.rmtree(self.old_path, ignore_errors=True)
+        if not keep_parts:
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
         return dict(skipped)
 
 
@@ -478,3 +570,13 @@ class PartWriter:
                 self.group.create_array(name, shape=(0,) + tuple(tail), chunks=(rows,) + tuple(tail), dtype=dtype)
             self.group.attrs.update({**attrs, "skipped": dict(self.skipped)})
             self.group.attrs.update({"done": True})
+
+
+def diff_keys(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings (with old -> new)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += diff_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]

@@ -14,7 +14,7 @@ Kernel layout (MinkowskiEngine): a convolution's ``kernel`` is ``(kernel_volume,
 stride-1 convolution stores ``(in, out)``. The offset of kernel index k for a 3-cube of size K
 (odd K) is ``(k % K, (k // K) % K, k // K**2) - (K - 1) / 2`` on the (x, y, z) axes, x fastest;
 for even K the offsets are ``0 .. K-1`` times the tensor stride. The output is the
-cross-correlation ``out[u] = sum_k x[u + off_k] @ W_k`` (tests/test_models.py checks this
+cross-correlation ``out[u] = sum_k x[u + off_k] @ W_k`` (tests/unit/test_models.py checks this
 against ``torch.nn.functional.conv3d``).
 """
 

@@ -20,12 +20,12 @@ def scale_intrinsics(fx: float, fy: float, cx: float, cy: float, src_hw, dst_hw)
     return np.array([fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5], np.float32)
 
 
-def read_split(path: Path, split: str | None = None) -> list[str]:
+def read_split(path: Path, split: str | None = None, hint: str = "use split: all or add the file") -> list[str]:
     """Sorted unique ids of a split file (one id per line; blank lines and # comments ignored)."""
     path = Path(path)
     if not path.is_file():
         what = f" (needed for split={split!r})" if split else ""
-        raise ReaderError(f"split file {path} not found{what}; use split: all or add the file")
+        raise ReaderError(f"split file {path} not found{what}; {hint}")
     ids = set()
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()

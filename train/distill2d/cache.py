@@ -52,7 +52,7 @@ def resolve_checkpoint(cfg: dict) -> Path:
                 f"'lift3d run finetune' first, or set distill2d.checkpoint to a run folder or model.pt"
             )
         return Path(finetune.run_dir(cfg)) / "model.pt"
-    p = Path(str(ck)).expanduser()
+    p = finetune.resolve_path(cfg, ck)  # relative: under the workdir first, then the current folder
     if p.is_dir():
         p = p / "model.pt"
     if not p.is_file():

@@ -25,6 +25,7 @@ from lift3d.nets.pspnet import Discriminators, Seg2D, gan_losses, masked_l2, sam
 from lift3d.pipeline.readers.base import Frame, make_reader
 from lift3d.pipeline.readers.common import to_grid
 from lift3d.pipeline.readers.scannet_labels import IGNORE_INDEX, default_labels
+from lift3d.train import finetune
 from lift3d.train.distill2d.cache import NUM_CLASSES, Source, _device, build_cache, open_sources, resolve_checkpoint
 from lift3d.train.distill2d.data import TrainData
 from lift3d.train.runs import Run, read_csv, read_json, rows_before, run_lock, run_status, save_json, save_torch
@@ -144,8 +145,17 @@ def fake_features(f3d_sim: torch.Tensor, batch: dict, per_class: int, hw, rng) -
 
 
 def identity(cfg: dict) -> dict:
+    """The settings plus the 3D network distilled: the fine-tuning run's identity when
+    ``distill2d.checkpoint`` is null, else the file's sha256 (so two checkpoints never share a run)."""
     d = {k: v for k, v in cfg["distill2d"].items() if k not in BOOKKEEPING}
-    return {"distill2d": d, "datasets": cfg["datasets"]}
+    ck = d.get("checkpoint")
+    if ck is None:
+        source = {"finetune": sha256_json(finetune.identity(cfg))}
+    else:
+        path = finetune.resolve_path(cfg, ck)
+        path = path / "model.pt" if path.is_dir() else path
+        source = {"file": sha256_path(path) if path.is_file() else f"missing:{path}"}
+    return {"distill2d": d, "datasets": cfg["datasets"], "checkpoint_3d": source}
 
 
 def run_dir(cfg: dict) -> Path:

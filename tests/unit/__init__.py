@@ -1,0 +1,1 @@
+"""Pure functions, layers, networks, readers, the configuration, the stores, losses, checkpoints."""
