@@ -155,22 +155,22 @@ def run_tasks(
     bar = progress_bar(len(tasks), desc, unit)
     t0 = time.perf_counter()
 
-    def failed(name: str, exc: BaseException) -> None:
-        failures[name] = describe(exc)
-        log.debug("%s: task %r failed", desc, name, exc_info=exc)
-        bar.update(1)
+    def collect(outcomes) -> None:
+        """(name, a call giving its result) in completion order: every task is waited for."""
+        for name, get in outcomes:
+            try:
+                results[name] = get()
+            except Exception as exc:  # noqa: BLE001 - reported with the others at the end
+                failures[name] = describe(exc)
+                log.debug("%s: task %r failed", desc, name, exc_info=exc)
+            else:
+                if on_result:
+                    on_result(name, results[name])
+            bar.update(1)
 
     try:
         if client is None:
-            for name, args in tasks:
-                try:
-                    results[name] = fn(*args)
-                except Exception as exc:  # noqa: BLE001 - reported with the others at the end
-                    failed(name, exc)
-                    continue
-                if on_result:
-                    on_result(name, results[name])
-                bar.update(1)
+            collect((name, lambda args=args: fn(*args)) for name, args in tasks)
         else:
             # import the task's module and pin OpenCV's threads once per worker, before any task:
             # the first task on a fresh worker would otherwise pay the imports inside its own time
@@ -192,16 +192,7 @@ def run_tasks(
                 client.submit(fn, *args, key=f"{desc}-{name}-{id(tasks)}", pure=False, resources=resources): name
                 for name, args in tasks
             }
-            for fut in as_completed(list(futures)):
-                name = futures[fut]
-                try:
-                    results[name] = fut.result()
-                except Exception as exc:  # noqa: BLE001 - reported with the others at the end
-                    failed(name, exc)
-                    continue
-                if on_result:
-                    on_result(name, results[name])
-                bar.update(1)
+            collect((futures[fut], fut.result) for fut in as_completed(list(futures)))
     finally:
         bar.close()
         if timings is not None:
