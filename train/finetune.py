@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from lift3d.core.checkpoint import read_model_file as _read_model_file
-from lift3d.core.config import sha256_json
+from lift3d.core.config import resolve_path, sha256_json
 from lift3d.core.config import workdir as get_workdir
 from lift3d.core.device import resolve_device
 from lift3d.core.errors import FinetuneError
@@ -104,18 +104,6 @@ def init_path(cfg: dict) -> Path | None:
         return None
     p = _pretrain_run(cfg) if kind == "pretrain" else resolve_path(cfg, cfg["finetune"]["init"])
     return p / "model.pt" if p.is_dir() or kind == "pretrain" else p
-
-
-def resolve_path(cfg: dict, value: str) -> Path:
-    """A path from a setting: absolute as it is; relative, the first of <workdir>/value and
-    ./value that exists (else the workdir one, whose error then names both)."""
-    p = Path(str(value)).expanduser()
-    if p.is_absolute():
-        return p
-    for base in (get_workdir(cfg), Path.cwd()):
-        if (base / p).exists():
-            return base / p
-    return get_workdir(cfg) / p
 
 
 def missing_init(cfg: dict) -> str:

@@ -242,3 +242,15 @@ def sha256_json(obj) -> str:
 
 def workdir(cfg: dict) -> Path:
     return Path(cfg["workdir"]).expanduser()
+
+
+def resolve_path(cfg: dict, value: str) -> Path:
+    """A path from a setting: absolute as it is; relative, the first of <workdir>/value and
+    ./value that exists (else the workdir one, whose error then names both)."""
+    p = Path(str(value)).expanduser()
+    if p.is_absolute():
+        return p
+    for base in (workdir(cfg), Path.cwd()):
+        if (base / p).exists():
+            return base / p
+    return workdir(cfg) / p

@@ -74,7 +74,7 @@ def test_throughput_settings_leave_the_stores_up_to_date(built, tmp_path):
         cfg = small(built, **override)
         assert G.stage_status(cfg, "teacher")[0] == "done", override
         assert G.stage_status(cfg, "points")[0] == "done", override
-        (row,) = run_stages_rows(cfg, "teacher")
+        (row,) = G.run_stage(cfg, "teacher")
         assert row["status"] == "up to date", override
     assert tree_hash(built / "teacher.zarr") == before
     # a device that computes the same (auto on a CPU-only machine) is the same pretraining run
@@ -82,10 +82,6 @@ def test_throughput_settings_leave_the_stores_up_to_date(built, tmp_path):
         a = make_cfg(tmp_path, pretrain={"device": "auto"})
         b = make_cfg(tmp_path, pretrain={"device": "cpu"})
         assert pretrain.run_dir(a) == pretrain.run_dir(b)
-
-
-def run_stages_rows(cfg, stage):
-    return G.run_stage(cfg, stage)
 
 
 def test_another_configuration_is_refused_and_an_invalid_one_changes_nothing(built):

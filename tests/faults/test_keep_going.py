@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from lift3d.core.cluster import TaskFailures
 from lift3d.pipeline import frames as F
 from lift3d.pipeline import points as P
 from lift3d.pipeline.synthetic import generate
+from tests.fixtures.scannet_bytes import read_header, set_header_depth_compression
 
 SCENES = ["scene0000_00", "scene0001_00", "scene0002_00"]
 TRUNCATED, BAD_DEPTH = "scene0000_00", "scene0002_00"
@@ -42,12 +42,8 @@ def raw(tmp_path_factory):
     data = sens.read_bytes()
     sens.write_bytes(data[: len(data) // 2])
     sens = root / "scans" / BAD_DEPTH / f"{BAD_DEPTH}.sens"
-    data = bytearray(sens.read_bytes())
-    name_len = struct.unpack_from("<Q", data, 4)[0]
-    at = 4 + 8 + name_len + 4 * 64 + 4  # version, name, 4 matrices, colour compression, then depth's
-    assert struct.unpack_from("<i", data, at)[0] == 1  # zlib, as written
-    struct.pack_into("<i", data, at, 7)
-    sens.write_bytes(bytes(data))
+    assert read_header(sens.read_bytes())["depth_compression"] == 1  # zlib, as written
+    set_header_depth_compression(sens, 7)
     return root, good
 
 

@@ -13,7 +13,7 @@ import torch
 import zarr
 
 from lift3d.core import checkpoint as ckpt
-from lift3d.core.config import sha256_json
+from lift3d.core.config import resolve_path, sha256_json
 from lift3d.core.config import workdir as get_workdir
 from lift3d.core.device import resolve_device
 from lift3d.core.errors import CheckpointError, DistillError
@@ -52,7 +52,7 @@ def resolve_checkpoint(cfg: dict) -> Path:
                 f"'lift3d run finetune' first, or set distill2d.checkpoint to a run folder or model.pt"
             )
         return Path(finetune.run_dir(cfg)) / "model.pt"
-    p = finetune.resolve_path(cfg, ck)  # relative: under the workdir first, then the current folder
+    p = resolve_path(cfg, ck)  # relative: under the workdir first, then the current folder
     if p.is_dir():
         p = p / "model.pt"
     if not p.is_file():

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from lift3d.core import checkpoint as ckpt
 from lift3d.core.classmaps import scannet20_names
-from lift3d.core.config import sha256_json
+from lift3d.core.config import resolve_path, sha256_json
 from lift3d.core.config import workdir as get_workdir
 from lift3d.core.errors import DistillError
-from lift3d.core.graph import groups
+from lift3d.core.graph import groups, upstream_problems
 from lift3d.core.metrics import confusion_with_none as confusion
 from lift3d.core.metrics import pixel_scores as scores
-from lift3d.core.store import StoreError, group_state
+from lift3d.core.store import StoreError
 from lift3d.nets import backbones2d as backbones
 from lift3d.nets.backbones2d import sha256_path
 from lift3d.nets.pspnet import Discriminators, Seg2D, gan_losses, masked_l2, sample_pixels, set_requires_grad
@@ -152,7 +152,7 @@ def identity(cfg: dict) -> dict:
     if ck is None:
         source = {"finetune": sha256_json(finetune.identity(cfg))}
     else:
-        path = finetune.resolve_path(cfg, ck)
+        path = resolve_path(cfg, ck)
         path = path / "model.pt" if path.is_dir() else path
         source = {"file": sha256_path(path) if path.is_file() else f"missing:{path}"}
     return {"distill2d": d, "datasets": cfg["datasets"], "checkpoint_3d": source}
@@ -177,12 +177,8 @@ def status(cfg: dict) -> tuple[str, list[str]]:
         ck = resolve_checkpoint(cfg)
     except (StoreError, FileNotFoundError) as exc:
         return ("missing" if not d.exists() else "out of date"), [str(exc)]
-    wd = get_workdir(cfg)
-    reasons = []
-    for g in groups(cfg, "frames"):
-        attrs = group_state(wd, "frames", g.path)
-        if attrs is None or not attrs.get("complete") or attrs.get("lineage_sha256") != g.lineage_sha256:
-            reasons.append(f"frames.zarr/{g.path} is missing or out of date: run 'lift3d run frames'")
+    up = upstream(cfg, ck)
+    reasons = upstream_problems(cfg, {k: v for k, v in up.items() if k != "checkpoint_sha256"})
     state, why, _ = run_status(
         d, where, reasons, (upstream(cfg, ck), "was made from another 3D checkpoint or other frames")
     )
