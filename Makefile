@@ -1,7 +1,8 @@
 # lift3d: one target per stage, plus install / demo / test / bench / verdict.
 #   make demo                  set up, then run the whole pipeline on the embedded synthetic data
 #   make test                  set up, then lint (ruff) and run the test suite
-#   make verdict               the demo's verdict with 3 fine-tuning seeds (mean and spread)
+#   make verdict               the demo's verdict with seeds 0,1,2 (SEEDS=0,1,2,3,4 for five), paired by seed
+#   (demo and verdict use configs/demo.yaml unless CONFIG is given)
 #   make frames CONFIG=my.yaml ARGS="-o cluster.n_workers=8"   one stage, your config
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -9,7 +10,9 @@ LIFT3D  := $(VENV)/bin/lift3d
 CONFIG  ?=
 ARGS    ?=
 CFG     := $(if $(CONFIG),-c $(CONFIG),) $(ARGS)
-STAGES  := frames teacher points pretrain finetune distill2d
+VCFG    := -c $(or $(CONFIG),configs/demo.yaml) $(ARGS)
+SEEDS   ?= 0,1,2
+STAGES  := frames fit2d teacher points pretrain finetune distill2d
 
 .PHONY: install demo test bench verdict status all $(STAGES)
 
@@ -26,7 +29,7 @@ status: install
 	$(LIFT3D) status $(CFG)
 
 demo: install
-	bash scripts/demo.sh $(CFG)
+	bash scripts/demo.sh $(VCFG)
 
 test: install
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
@@ -36,5 +39,5 @@ bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; OMP_NUM_THREADS=1 $(PY) $$b || exit 1; done
 
 verdict: install
-	$(LIFT3D) run frames $(CFG) && $(LIFT3D) run teacher $(CFG) && $(LIFT3D) run points $(CFG)
-	OMP_NUM_THREADS=2 $(LIFT3D) verdict --seeds 0,1,2 --la-points 20 $(CFG)
+	$(LIFT3D) run frames $(VCFG) && $(LIFT3D) run fit2d $(VCFG) && $(LIFT3D) run teacher $(VCFG) && $(LIFT3D) run points $(VCFG)
+	$(LIFT3D) verdict --seeds $(SEEDS) --la-points 20 --rooms 4 --methods ppnce,soft_ce,ppnce_imagenet $(VCFG)

@@ -9,9 +9,16 @@ temporary workdir, then prints:
 - loader: frames/s the streaming loader (lift3d.train.data) delivers, collated and augmented,
   against the trainer's consumption (steps/s x batch size);
 - cached step: one ppnce step fed by the loader (as lift3d.train.pretrain runs it) against the same
-  3D step on batches already in memory: overhead % = cached / in-memory - 1;
+  3D step on batches already in memory: overhead % = cached / in-memory - 1 (the variants alternate
+  step by step on the same batches);
 - online: the in-memory step plus running the embedded 2D teacher (EfficientNet-Lite0) on the
-  batch's frames, i.e. what training without the cache would cost: ratio online / cached.
+  batch's frames, i.e. what training without the cache would cost: ratio online / cached;
+- projected online at ``--project-size`` (default 480x640, ScanNet's depth grid): the 2D forward
+  (features and dense logits, as the teacher stage runs it) of EfficientNet-Lite0 and of ResNet-50
+  timed on one frame of that size, and the ratio (in-memory step + batch x forward) / cached step;
+  the 3D step stays the one measured here, at the bench's frame size.
+
+``--sparse-backend spconv`` runs the 3D network on spconv instead of MinkowskiEngine.
 
 Peak memory per batch size (instead of the above):
 
@@ -72,9 +79,21 @@ def make_cfg(wd: Path, a) -> dict:
             "method": "ppnce",
             "num_workers": a.workers,
             "iterations": a.steps,
+            "sparse_backend": getattr(a, "sparse_backend", "minkowski"),
         }
     )
     return cfg
+
+
+def forward_seconds(net: torch.nn.Module, hw, reps: int = 2) -> float:
+    """Seconds of one 2D forward (features and dense logits) on one frame of size ``hw``."""
+    x = torch.randn(1, 3, int(hw[0]), int(hw[1]))
+    with torch.inference_mode():
+        net(x)  # warm-up
+        t = time.perf_counter()
+        for _ in range(reps):
+            net(x)
+    return (time.perf_counter() - t) / reps
 
 
 def rss_mb() -> float:
@@ -140,6 +159,8 @@ def peak_memory(a, wd: Path) -> None:
             str(a.workers),
             "--device",
             a.device,
+            "--sparse-backend",
+            a.sparse_backend,
         ]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("MEM ")]
@@ -178,6 +199,10 @@ def main() -> None:
         help="measure peak memory per batch size instead (a fresh process each)",
     )
     ap.add_argument("--device", default="cpu", help="trainer device for --batches (cpu | cuda)")
+    ap.add_argument("--sparse-backend", default="minkowski", help="the 3D network's library: minkowski | spconv")
+    ap.add_argument(
+        "--project-size", type=int, nargs=2, default=[480, 640], help="frame size of the projected online ratios"
+    )
     ap.add_argument("--mem-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.mem_child:
@@ -218,37 +243,46 @@ def main() -> None:
             opt.step()
 
         step(batches[0], 0)  # warm-up
-        # in memory: the same batches, no I/O
-        mem = batches[: a.steps]
-        t = time.perf_counter()
-        for s, b in enumerate(mem):
-            step(b, s)
-        mem_s = (time.perf_counter() - t) / len(mem)
-        # cached: fed by the loader as the trainer is
-        it = iter(D.loader(cfg, src, start=0, stop=1 + a.steps))  # the in-memory batches again
-        b = next(it)
-        step(b, int(b["step"]))  # worker start-up left out
-        t = time.perf_counter()
-        for b in it:
-            step(b, int(b["step"]))
-        cached_s = (time.perf_counter() - t) / a.steps
-        # online: in-memory step + the 2D teacher on the batch's frames
+        # The three variants alternate step by step on the same batches, so that drift and other load
+        # on the machine hit them alike: cached (fed by the loader as the trainer is), in memory (the
+        # batch already collated, no I/O), online (in memory plus the 2D teacher on the batch's frames).
         from lift3d.pipeline.teachers.registry import build_teacher
 
         teacher = build_teacher(cfg["teacher"]["name"], device="cpu")
         rgb = zarr.open_group(src[0].frames_path, mode="r")["rgb"]
-        t = time.perf_counter()
-        for s, b in enumerate(mem):
-            frames = np.stack([rgb[i] for _, i in b["ids"]])
+        mem = batches[: a.steps]
+        it = iter(D.loader(cfg, src, start=0, stop=1 + a.steps))  # the in-memory batches again
+        b = next(it)
+        step(b, int(b["step"]))  # worker start-up left out
+        cached_t, mem_t, online_t = [], [], []
+        for s, m in enumerate(mem):
+            t = time.perf_counter()
+            b = next(it)
+            step(b, int(b["step"]))
+            cached_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            step(m, s)
+            mem_t.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            frames = np.stack([rgb[i] for _, i in m["ids"]])
             with torch.inference_mode():
                 teacher.forward(frames)
-            step(b, s)
-        online_s = (time.perf_counter() - t) / len(mem)
+            step(m, s)
+            online_t.append(time.perf_counter() - t)
+        cached_s, mem_s, online_s = (float(np.mean(x)) for x in (cached_t, mem_t, online_t))
+
+        # projected: the 2D forward at --project-size, per frame, for both teachers' backbones
+        from lift3d.nets.backbones2d import efficientnet_lite0, resnet50
+
+        proj = {
+            "EfficientNet-Lite0": forward_seconds(efficientnet_lite0(pretrained=False), a.project_size),
+            "ResNet-50": forward_seconds(resnet50(None, pretrained=False), a.project_size),
+        }
 
         consume = a.batch / cached_s
         print(
-            f"model {a.model}, voxel {a.voxel} m, batch {a.batch}, {voxels:.0f} voxels/batch, "
-            f"threads {torch.get_num_threads()}, loader workers {a.workers}"
+            f"model {a.model} ({a.sparse_backend}), voxel {a.voxel} m, batch {a.batch}, {voxels:.0f} voxels/batch, "
+            f"frames {a.depth[0]}x{a.depth[1]}, threads {torch.get_num_threads()}, loader workers {a.workers}"
         )
         print(f"loader            {loader_fps:8.1f} frames/s")
         print(
@@ -258,6 +292,13 @@ def main() -> None:
         print(f"step in memory    {mem_s * 1e3:8.1f} ms")
         print(f"step from cache   {cached_s * 1e3:8.1f} ms  overhead {100 * (cached_s / mem_s - 1):+.1f} %")
         print(f"step online 2D    {online_s * 1e3:8.1f} ms  ratio online / cached x{online_s / cached_s:.2f}")
+        h, w = a.project_size
+        for name, fwd in proj.items():
+            online = mem_s + a.batch * fwd
+            print(
+                f"projected {h}x{w} {name}: forward {fwd * 1e3:.0f} ms/frame, online step {online * 1e3:.0f} ms, "
+                f"ratio online / cached x{online / cached_s:.1f}"
+            )
     finally:
         if not a.keep:
             shutil.rmtree(wd, ignore_errors=True)

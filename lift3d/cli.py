@@ -110,8 +110,8 @@ def run(stage, config_path, overrides, rebuild):
     for name in todo:
         if stage == "all":
             state, _ = S.stage_status(cfg, name)
-            if state == "done":
-                click.echo(f"{name}: done, skipped")
+            if state in ("done", "not used"):
+                click.echo(f"{name}: {state}, skipped")
                 continue
         t0 = time.perf_counter()
         try:
@@ -148,7 +148,7 @@ def status(config_path, overrides):
         stale_up = [u for u in graph[name]["needs"] if u in upstream_bad]
         if state == "done" and stale_up:
             state, why = "out of date", [f"upstream stage {', '.join(stale_up)} is not done"]
-        if state != "done":
+        if state not in ("done", "not used"):  # not used: e.g. fit2d without a fitted teacher
             upstream_bad.add(name)
         click.echo(f"{name:10s} {state}")
         for line in why:
@@ -294,7 +294,19 @@ def eval_teacher_cmd(dataset, config_path, overrides):
     type=int,
     help="Labelled vertices per training scene (limited annotations); 0 = all labels.",
 )
-@click.option("--methods", default="ppnce,soft_ce", show_default=True, help="Pretraining methods to compare.")
+@click.option(
+    "--methods",
+    default="ppnce,soft_ce",
+    show_default=True,
+    help="Pretraining arms: ppnce, soft_ce, ppkd (this config's teacher), ppnce_imagenet (EfficientNet-Lite0).",
+)
+@click.option(
+    "--rooms", default=0, show_default=True, type=int, help="Fine-tune on the first N training rooms (0 = all)."
+)
+@click.option(
+    "--controls/--no-controls", default=True, show_default=True, help="Shuffled-pairs PPKT and random-network probes."
+)
+@click.option("--ceiling/--no-ceiling", default=True, show_default=True, help="The supervised ceiling arm.")
 @click.option(
     "--distill2d/--no-distill2d",
     "distill",
@@ -311,8 +323,8 @@ def eval_teacher_cmd(dataset, config_path, overrides):
 )
 @config_opt
 @override_opt
-def verdict(seeds, la_points, methods, distill, jobs, config_path, overrides):
-    """Fine-tune from scratch and from each pretraining method; print mIoU / mAcc per method."""
+def verdict(seeds, la_points, methods, rooms, controls, ceiling, distill, jobs, config_path, overrides):
+    """Scratch, each pretraining method, the supervised ceiling, controls and baselines, paired by seed."""
     from lift3d.train.verdict import format_verdict, run_verdict
 
     cfg = _load(config_path, overrides)
@@ -322,7 +334,15 @@ def verdict(seeds, la_points, methods, distill, jobs, config_path, overrides):
         raise click.ClickException(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
     try:
         res = run_verdict(
-            cfg, seed_list, la_points or None, tuple(m.strip() for m in methods.split(",") if m.strip()), distill, jobs
+            cfg,
+            seed_list,
+            la_points or None,
+            tuple(m.strip() for m in methods.split(",") if m.strip()),
+            distill,
+            jobs,
+            rooms=rooms or None,
+            controls=controls,
+            ceiling=ceiling,
         )
     except Exception as exc:
         _fail("verdict", exc)

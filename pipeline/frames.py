@@ -16,7 +16,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from lift3d.core.cluster import TaskFailures, dask_client, run_groups, run_tasks
-from lift3d.core.config import sha256_json
+from lift3d.core.config import dataset_lists, sha256_json
 from lift3d.core.config import workdir as get_workdir
 from lift3d.core.graph import stage_identity
 from lift3d.core.store import GroupWriter, PartWriter, failed_scenes, stage_lock, writing
@@ -116,7 +116,8 @@ def run(cfg: dict) -> list[dict]:
     hint = "re-running redoes only these" + (
         "" if skip else "; fix or remove them, or set skip_failed_scenes: true to commit without them"
     )
-    jobs = [(e["name"], lambda failures, e=e: run_dataset(cfg, e, wd, failures)) for e in cfg["datasets"]]
+    entries = [e for _, listed in dataset_lists(cfg) for e in listed]  # the 3D datasets, then fit2d's corpus
+    jobs = [(e["name"], lambda failures, e=e: run_dataset(cfg, e, wd, failures)) for e in entries]
     with stage_lock(wd, "frames"):
         return run_groups(wd, "frames", jobs, skip, hint)
 

@@ -49,6 +49,7 @@ never committed into one group (bf16 and float32 outputs differ).
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -61,9 +62,11 @@ import torch
 import zarr
 
 from lift3d.core.cluster import ROWS_FOLLOW_FRAMES, dask_client, run_groups, run_tasks
+from lift3d.core.config import resolve_path
 from lift3d.core.config import workdir as get_workdir
 from lift3d.core.device import resolve_device as core_resolve_device
-from lift3d.core.graph import Group, groups
+from lift3d.core.errors import TeacherError
+from lift3d.core.graph import Group, fit2d_run_dir, groups, uses_fit2d
 from lift3d.core.progress import bar as progress_bar
 from lift3d.core.store import GroupWriter, PartWriter, StoreError, group_state, open_group, stage_lock, writing
 from lift3d.pipeline.teachers import pca as P
@@ -74,6 +77,7 @@ from lift3d.pipeline.teachers.registry import build_teacher
 log = logging.getLogger("lift3d")
 
 SHARD_FRAMES = 64  # default of teacher.shard_frames (frames per part)
+FULL_MAX_CLASSES = 64  # teachers with at most this many classes store their whole distribution
 QUEUE_DEPTH = 2  # batches in flight between the reader / model / writer threads
 SHARD_PREFIX = "shard-"
 FLIP_CONVENTION = (
@@ -135,11 +139,14 @@ _CACHE: dict[tuple, object] = {}
 
 
 def get_teacher(tcfg: dict, device: str):
-    """Build the configured teacher once per process (a dask worker reuses it across shards)."""
+    """Build the configured teacher once per process (a dask worker reuses it across shards).
+    ``tcfg["weights"]`` is already resolved (:func:`teacher_section`)."""
     size = tuple(tcfg["input_size"]) if tcfg.get("input_size") else None
-    key = (tcfg["name"], tcfg.get("weights"), size, device)
+    key = (tcfg["name"], tcfg.get("weights"), size, device, tcfg.get("class_map"))
     if key not in _CACHE:
-        t = build_teacher(tcfg["name"], weights=tcfg.get("weights"), input_size=size, device=device)
+        t = build_teacher(
+            tcfg["name"], weights=tcfg.get("weights"), input_size=size, device=device, class_map=tcfg.get("class_map")
+        )
         if device.startswith("cuda"):
             t.module.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
@@ -396,7 +403,7 @@ def shards_task(
         rgb,
         shards,
         int(tcfg["batch_size"]),
-        int(tcfg["top_k"]),
+        full_distribution(teacher.output_shapes()[1][0], int(tcfg["top_k"])),
         bool(tcfg.get("flip_pass")),
         part_attrs,
         pca=pca,
@@ -437,6 +444,33 @@ def fitted_pca(tcfg: dict, teacher, rgb, writer: GroupWriter) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- the stage
+
+
+def teacher_section(cfg: dict) -> dict:
+    """The teacher settings with ``weights`` resolved: a relative path under the workdir first, and
+    for ``fitted`` without weights this configuration's fit2d run (which must be complete)."""
+    tcfg = dict(cfg["teacher"])
+    if uses_fit2d(cfg):
+        run = fit2d_run_dir(cfg)
+        try:
+            info = json.loads((run / "run.json").read_text())
+        except (OSError, ValueError):
+            info = None
+        if not info or not info.get("complete") or not (run / "model.pt").is_file():
+            raise TeacherError(
+                f"teacher.name is fitted and teacher.weights is null, so the teacher is this configuration's "
+                f"fit2d run {run}, which is not complete: run 'lift3d run fit2d' first (or set teacher.weights)"
+            )
+        tcfg["weights"] = str(run / "model.pt")
+    elif tcfg.get("weights"):
+        tcfg["weights"] = str(resolve_path(cfg, tcfg["weights"]))
+    return tcfg
+
+
+def full_distribution(n_classes: int, top_k: int) -> int:
+    """How many classes per cell the store keeps: all of them for a teacher with at most
+    ``FULL_MAX_CLASSES`` classes (a semantic teacher's distribution is small), else the top ``top_k``."""
+    return n_classes if n_classes <= FULL_MAX_CLASSES else min(int(top_k), n_classes)
 
 
 def run(cfg: dict) -> list[dict]:
@@ -481,7 +515,7 @@ def _row(name: str, teacher: str, status: str, attrs: dict, processed: int, ips:
 
 
 def run_group(cfg: dict, g: Group, wd: Path) -> dict:
-    tcfg = cfg["teacher"]
+    tcfg = teacher_section(cfg)
     entry = g.config["dataset"]
     frames = open_group(wd, "frames", g.upstream.path, expect_lineage=g.upstream.lineage_sha256)
     writer = GroupWriter(
@@ -522,7 +556,7 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
     if k_req < 1:
         raise ValueError(f"teacher.top_k must be >= 1, got {k_req}")
     feat_shape, label_shape = teacher.output_shapes()
-    k = min(k_req, label_shape[0])
+    k = full_distribution(label_shape[0], k_req)
     part_attrs = {"weights_sha256": teacher.weights_sha256, "flip_pass": flip, "top_k": k}
     writer.prepare_parts()
     pca = fitted_pca(tcfg, teacher, rgb, writer) if n_frames else None  # nothing to fit on an empty dataset
@@ -556,7 +590,7 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
             bar = progress_bar(sum(b - a for _, a, b, _ in todo), f"teacher/{g.path}", "frame")
             try:
                 res = process_shards(
-                    teacher, rgb, todo, int(tcfg["batch_size"]), k_req, flip, part_attrs, progress=bar.update, pca=pca
+                    teacher, rgb, todo, int(tcfg["batch_size"]), k, flip, part_attrs, progress=bar.update, pca=pca
                 )
             finally:
                 bar.close()
@@ -609,6 +643,7 @@ def run_group(cfg: dict, g: Group, wd: Path) -> dict:
             "resize": "whole stored frame, bilinear, align_corners=False, antialiased when shrinking, no crop",
         },
         "top_k": k,
+        "full_distribution": k == label_shape[0],
         "flip_pass": flip,
         "flip_convention": FLIP_CONVENTION if flip else None,
         "features_shape": list(feat_shape),

@@ -138,12 +138,20 @@ def ensure_blas() -> None:
 
 
 def download_sdist(dest: Path) -> Path:
+    """The sdist from PyPI, or from the file LIFT3D_ME_SDIST names (machines without internet);
+    either way checked against SDIST_SHA256."""
     target = dest / "MinkowskiEngine-0.5.4.tar.gz"
-    try:
-        with urllib.request.urlopen(SDIST_URL, timeout=120) as resp:
-            target.write_bytes(resp.read())
-    except OSError as exc:
-        fail("download sdist", f"{SDIST_URL}: {exc}", "check access to PyPI (files.pythonhosted.org)")
+    local = os.environ.get("LIFT3D_ME_SDIST")
+    if local:
+        if not Path(local).is_file():
+            fail("local sdist", f"LIFT3D_ME_SDIST={local}: no such file", "bring MinkowskiEngine-0.5.4.tar.gz along")
+        shutil.copyfile(local, target)
+    else:
+        try:
+            with urllib.request.urlopen(SDIST_URL, timeout=120) as resp:
+                target.write_bytes(resp.read())
+        except OSError as exc:
+            fail("download sdist", f"{SDIST_URL}: {exc}", "check access to PyPI (files.pythonhosted.org)")
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     if digest != SDIST_SHA256:
         fail(

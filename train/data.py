@@ -46,6 +46,7 @@ import zarr
 from lift3d.core.config import workdir as get_workdir
 from lift3d.core.graph import groups
 from lift3d.core.store import StoreError, open_group, store_path
+from lift3d.nets.heads import sample_soft_labels
 from lift3d.train.augment import augment_points
 
 log = logging.getLogger("lift3d")
@@ -68,6 +69,7 @@ class Source:
     lineages: dict = field(default_factory=dict)
     classes: int = 0
     flip_pass: bool = False  # the teacher group holds the *_flip arrays (teacher.flip_pass)
+    ignore_class: int | None = None  # a teacher class soft labels leave out (a folded "other" bin)
 
 
 def open_sources(cfg: dict) -> list[Source]:
@@ -107,6 +109,7 @@ def open_sources(cfg: dict) -> list[Source]:
                 {"frames": fg.lineage_sha256, "teacher": tg.lineage_sha256, "points": pg.lineage_sha256},
                 classes,
                 flip,
+                te.attrs.get("ignore_class"),
             )
         )
     if not out:
@@ -338,8 +341,8 @@ def collate(frames: list[dict], voxel_size: float, method: str) -> dict:
     Returns ``coords`` (M, 4) int32 (batch index first), ``feats`` (M, 3) colours in
     [-0.5, 0.5], per voxel its source point's ``pixel`` (M, 2) and ``frame`` (M,) index in the
     batch, ``image_hw`` per frame; for ppnce the frames' ``features`` (list of (C, h, w)
-    float16 tensors); for soft_ce / ppkd the top-k soft labels at each voxel's cell,
-    ``prob`` (M, k) and ``index_k`` (M, k).
+    float16 tensors); for soft_ce / ppkd the soft labels sampled bilinearly at each voxel's
+    pixel (:func:`sample_soft_labels`), ``prob`` (M, 4k) and ``index_k`` (M, 4k).
     """
     qcoords, feats, pixels, fidx, probs, idxs = [], [], [], [], [], []
     for bi, f in enumerate(frames):
@@ -353,10 +356,9 @@ def collate(frames: list[dict], voxel_size: float, method: str) -> dict:
         pixels.append(torch.from_numpy(pix))
         fidx.append(torch.full((len(keep),), bi, dtype=torch.long))
         if method != "ppnce":
-            k, hs, ws = f["prob"].shape
-            r, c = label_cells(pix, f["image_hw"], (hs, ws))
-            probs.append(torch.from_numpy(f["prob"][:, r, c].T.astype(np.float32)))
-            idxs.append(torch.from_numpy(f["index_k"][:, r, c].T.astype(np.int64)))
+            pr, ix = sample_soft_labels(f["prob"], f["index_k"], pix, f["image_hw"])
+            probs.append(torch.from_numpy(pr))
+            idxs.append(torch.from_numpy(ix))
     out = {
         "coords": ME.utils.batched_coordinates(qcoords, dtype=torch.int32),
         "feats": torch.cat(feats),
@@ -397,6 +399,7 @@ __all__ = [
     "to_frame",
     "mirror_frame",
     "label_cells",
+    "sample_soft_labels",
     "epoch_order",
     "PretrainStream",
     "collate",

@@ -3,7 +3,8 @@
 ``pointcontrast``: a plain state dict whose key names and shapes are those of PointContrast /
 CSC's Res16UNet family (their ``Res16UNet34C(3, out)`` for the paper preset), loadable with
 ``model.load_state_dict`` there. Input: a pretrain run folder, its ``model.pt``, or a
-``checkpoint.pt`` (resume state).
+``checkpoint.pt`` (resume state), of either sparse backend: a spconv network's weights are
+converted to MinkowskiEngine's layout, which is PointContrast's (:mod:`lift3d.nets.convert`).
 """
 
 from __future__ import annotations
@@ -14,20 +15,28 @@ import torch
 
 from lift3d.core.checkpoint import read_model_file
 from lift3d.core.errors import ExportError
+from lift3d.nets.convert import spconv_to_minkowski
 from lift3d.nets.res16unet import MODELS, build_model, export_pointcontrast, load_pointcontrast
+from lift3d.nets.sparse import checkpoint_backend
 
 FORMATS = ("pointcontrast",)
 
 
 def read_network(path: str | Path) -> tuple[dict, str | None, int | None]:
-    """(state dict, model name or None, out channels or None) from a run folder or file."""
+    """(state dict in MinkowskiEngine's layout, model name or None, out channels or None) from a
+    run folder or file."""
     p = Path(path)
     if p.is_dir():
         p = p / "model.pt"
     if not p.is_file():
         raise ExportError(f"{p}: not found (give a pretrain run folder, its model.pt or checkpoint.pt)")
     obj = read_model_file(p, error=ExportError, accept_checkpoint=True)
-    return obj["model"], obj.get("model_name"), obj.get("out_channels")
+    try:
+        backend = checkpoint_backend(obj)
+    except ValueError as exc:
+        raise ExportError(f"{p}: {exc}") from None
+    sd = spconv_to_minkowski(obj["model"]) if backend == "spconv" else obj["model"]
+    return sd, obj.get("model_name"), obj.get("out_channels")
 
 
 def export(path: str | Path, out: str | Path, fmt: str = "pointcontrast") -> dict:

@@ -49,7 +49,8 @@ from lift3d.core.metrics import confusion_matrix, format_table, segmentation_sco
 from lift3d.core.progress import bar as progress_bar
 from lift3d.core.store import StoreError
 from lift3d.nets.backbones2d import sha256_path
-from lift3d.nets.res16unet import MODELS, build_model
+from lift3d.nets.res16unet import MODELS
+from lift3d.nets.sparse import backend_of, build_model, check_backend, checkpoint_backend, sparse_input, weights_for
 from lift3d.pipeline.readers.base import ReaderError, make_reader
 from lift3d.train import augment as A
 from lift3d.train import pretrain
@@ -131,8 +132,8 @@ def la_path(cfg: dict) -> Path | None:
     f = cfg["finetune"]
     if f.get("la_file") and f.get("la_points"):
         raise FinetuneError("finetune.la_file and finetune.la_points are both set; choose one")
-    if f.get("la_points"):
-        return la_file_for(cfg, int(f["la_points"]))
+    if f.get("la_points"):  # one draw per seed: the runs of a seed share it (paired seeds)
+        return la_file_for(cfg, int(f["la_points"]), int(f.get("seed") or 0))
     return Path(f["la_file"]).expanduser() if f.get("la_file") else None
 
 
@@ -148,13 +149,44 @@ def la_file_for(cfg: dict, points: int, seed: int = 0) -> Path:
 
 def identity(cfg: dict) -> dict:
     f = {k: v for k, v in cfg["finetune"].items() if k not in BOOKKEEPING and k != "init"}
+    for key, default in (("backbone_lr_mult", 1.0), ("probe_steps", 0)):
+        if f.get(key) == default:
+            f.pop(key, None)  # the default: runs keep the identity they had before the key
     if f.get("la_file") and f.get("la_points"):
         raise FinetuneError("finetune.la_file and finetune.la_points are both set; choose one")
+    if f.get("la_points"):
+        f["la_draw"] = "per seed"  # the labelled vertices are drawn with the run's seed
     for key in ("la_file", "lr_file"):  # the files' contents, not only their names
         if f.get(key):
             p = Path(f[key]).expanduser()
             f[key] = {"path": str(p), "sha256": sha256_path(p) if p.is_file() else None}
+    f.pop("sparse_backend", None)
+    backend = _identity_backend(cfg)
+    if backend is not None:
+        f["sparse_backend"] = backend
     return {"finetune": f, "dataset": dataset_entry(cfg), **init_identity(cfg)}
+
+
+def sparse_backend(cfg: dict, checkpoint: dict | None = None) -> str:
+    """The sparse backend fine-tuning runs on: ``finetune.sparse_backend``; when null, the
+    checkpoint's (init from a file or the pretrain run), else ``pretrain.sparse_backend`` (scratch)."""
+    value = cfg["finetune"].get("sparse_backend")
+    if value is not None:
+        return check_backend(value, "finetune.sparse_backend")
+    if checkpoint is not None:
+        return checkpoint_backend(checkpoint)
+    return check_backend(cfg["pretrain"].get("sparse_backend"), "pretrain.sparse_backend")
+
+
+def _identity_backend(cfg: dict) -> str | None:
+    """The backend as the identity holds it: a file's own is implied by its sha256 (only an explicit
+    value enters); otherwise the backend, left out when it is the default (identities from before
+    the key stay)."""
+    if _init_kind(cfg) == "file":
+        value = cfg["finetune"].get("sparse_backend")
+        return None if value is None else check_backend(value, "finetune.sparse_backend")
+    backend = sparse_backend(cfg)  # init pretrain: the pretrain run's (pretrain.sparse_backend)
+    return None if backend == "minkowski" else backend
 
 
 def run_dir(cfg: dict) -> Path:
@@ -193,6 +225,10 @@ def read_model_file(path: str | Path) -> dict:
     name = state.get("model_name")
     if name not in MODELS:
         raise FinetuneError(f"{state['path']}: architecture {name!r} is not one of {', '.join(sorted(MODELS))}")
+    try:
+        checkpoint_backend(state)
+    except ValueError as exc:
+        raise FinetuneError(f"{state['path']}: {exc}") from None
     return state
 
 
@@ -225,7 +261,8 @@ def build_network(cfg: dict) -> tuple[torch.nn.Module, dict]:
     if path is None:
         name = f.get("model") or cfg["pretrain"]["model"]
         torch.manual_seed(int(f["seed"]))
-        return build_model(name, 3, NUM_CLASSES), {**meta, "model_name": name}
+        backend = sparse_backend(cfg)
+        return build_model(name, 3, NUM_CLASSES, backend=backend), {**meta, "model_name": name, "backend": backend}
     if _init_kind(cfg) == "pretrain" and not path.is_file():
         raise FinetuneError(
             f"finetune.init: pretrain: {path} does not exist: run 'lift3d run pretrain' first "
@@ -238,9 +275,10 @@ def build_network(cfg: dict) -> tuple[torch.nn.Module, dict]:
     if f.get("model") and f["model"] != name:
         raise FinetuneError(f"{path}: the checkpoint is a {name}, but finetune.model is {f['model']!r}")
     torch.manual_seed(int(f["seed"]))
-    net = build_model(name, int(state.get("in_channels", 3)), NUM_CLASSES)
-    _load_weights(net, state["model"], str(path), skip_final=True)
-    return net, {**meta, "model_name": name, "pretrain_method": state.get("method")}
+    backend = sparse_backend(cfg, state)
+    net = build_model(name, int(state.get("in_channels", 3)), NUM_CLASSES, backend=backend)
+    _load_weights(net, weights_for(net, state["model"], checkpoint_backend(state)), str(path), skip_final=True)
+    return net, {**meta, "model_name": name, "pretrain_method": state.get("method"), "backend": backend}
 
 
 def check_val_unseen(cfg: dict, ds: LabelledDataset, val: list[str]) -> None:
@@ -323,7 +361,7 @@ def voxelise(scenes: list[tuple[np.ndarray, np.ndarray]], voxel_size: float) -> 
 
 
 def forward(net, batch: dict, device: torch.device) -> torch.Tensor:
-    x = ME.SparseTensor(batch["feats"].to(device), coordinates=batch["coords"].to(device))
+    x = sparse_input(batch["feats"].to(device), batch["coords"].to(device), backend_of(net))
     return net(x).F
 
 
@@ -446,6 +484,17 @@ def step_loss(net, teacher, ds, names, sup, f, step, device) -> tuple[torch.Tens
     return loss, parts
 
 
+def set_frozen(net: torch.nn.Module, frozen: bool) -> None:
+    """Freeze every layer but the head (``final``): no gradients, batch norm on its running
+    statistics (a linear probe of the features); unfreeze again with ``frozen=False``."""
+    for n, p in net.named_parameters():
+        if not n.startswith("final."):
+            p.requires_grad_(not frozen)
+    for n, m in net.named_modules():
+        if n and not n.startswith("final") and isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.train(not frozen and net.training)
+
+
 def train(cfg: dict, stop_at: int | None = None) -> dict:
     """Fine-tune (or resume) the run of the current configuration, then evaluate on val."""
     f = dict(cfg["finetune"])
@@ -472,11 +521,17 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     net.to(device)
     teacher = None
     if f["semi"]["mean_teacher"]:
-        teacher = build_model(meta["model_name"], 3, NUM_CLASSES).to(device)  # ME modules cannot be deep-copied
+        # a fresh network, not a deep copy: MinkowskiEngine modules cannot be deep-copied
+        teacher = build_model(meta["model_name"], 3, NUM_CLASSES, backend=meta["backend"]).to(device)
         teacher.load_state_dict(net.state_dict())
         for p in teacher.parameters():
             p.requires_grad_(False)
-    opt = make_optimizer(f, net.parameters())
+    head = [p for n, p in net.named_parameters() if n.startswith("final.")]
+    body = [p for n, p in net.named_parameters() if not n.startswith("final.")]
+    pretrained = meta["init"] != "scratch"  # the two settings keep what a pretrained start knows
+    body_mult = float(f.get("backbone_lr_mult", 1.0)) if pretrained else 1.0
+    opt = make_optimizer(f, [{"params": body, "mult": body_mult}, {"params": head, "mult": 1.0}])
+    probe_steps = int(f.get("probe_steps") or 0) if pretrained else 0
     total = int(f["iterations"])
     start = 0
     state = run.load_checkpoint()
@@ -510,8 +565,10 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     try:
         for step in range(start, end):
             lr = lr_at(f, step)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            warmup = step < probe_steps  # the head alone learns, on the frozen network's features
+            for i, g in enumerate(opt.param_groups):  # group 0: the network, group 1: the head
+                g["lr"] = 0.0 if warmup and i == 0 else lr * g["mult"]
+            set_frozen(net, warmup)
             names = scene_order(scenes, int(f["seed"]), step, int(f["batch_size"]))
             opt.zero_grad(set_to_none=True)
             loss, parts = step_loss(net, teacher, ds, names, sup, f, step, device)
@@ -556,6 +613,7 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
     model = {
         "model": net.state_dict(),
         "model_name": meta["model_name"],
+        "backend": meta["backend"],
         "in_channels": 3,
         "out_channels": NUM_CLASSES,
         "num_classes": NUM_CLASSES,
@@ -613,9 +671,10 @@ def run(cfg: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- eval CHECKPOINT
 
 
-def load_segmentation_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
+def load_segmentation_model(path: str | Path, backend: str | None = None) -> tuple[torch.nn.Module, dict]:
     """A fine-tuned network from a run folder or model.pt, checked: segmentation head with the
-    benchmark's class count, weights that fit the named architecture."""
+    benchmark's class count, weights that fit the named architecture; built on ``backend``
+    (None: the checkpoint's own), its weights converted when that differs."""
     state = read_model_file(path)
     where = state["path"]
     if "num_classes" not in state:
@@ -628,14 +687,20 @@ def load_segmentation_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise FinetuneError(
             f"{where}: the checkpoint predicts {state['num_classes']} classes, the ScanNet benchmark has {NUM_CLASSES}"
         )
-    net = build_model(state["model_name"], int(state.get("in_channels", 3)), int(state["num_classes"]))
-    _load_weights(net, state["model"], where, skip_final=False)
+    src = checkpoint_backend(state)
+    net = build_model(
+        state["model_name"],
+        int(state.get("in_channels", 3)),
+        int(state["num_classes"]),
+        backend=check_backend(backend or src, "finetune.sparse_backend"),
+    )
+    _load_weights(net, weights_for(net, state["model"], src), where, skip_final=False)
     return net, state
 
 
 def eval_checkpoint(cfg: dict, path: str | Path, split: str = "val", dataset: str | None = None) -> dict:
     """``lift3d eval CHECKPOINT``: scores of a fine-tuned network on a split of a labelled dataset."""
-    net, state = load_segmentation_model(path)
+    net, state = load_segmentation_model(path, cfg["finetune"].get("sparse_backend"))
     if dataset:
         cfg = {**cfg, "finetune": {**cfg["finetune"], "dataset": dataset}}
     ds = LabelledDataset(dataset_entry(cfg), get_workdir(cfg))

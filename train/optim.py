@@ -9,7 +9,8 @@ import torch
 
 
 def lr_at(p: dict, step: int) -> float:
-    """Learning rate of ``step`` (0-based): cosine to 0, poly (power 0.9), or constant."""
+    """Learning rate of ``step`` (0-based): cosine to 0, poly (power 0.9), constant, or
+    exponential (``lr * gamma ** step``, ``gamma`` from the section)."""
     base, total = float(p["lr"]), max(1, int(p["iterations"]))
     t = min(step, total) / total
     sched = p.get("schedule", "cosine")
@@ -19,7 +20,12 @@ def lr_at(p: dict, step: int) -> float:
         return base * (1.0 - t) ** 0.9
     if sched == "constant":
         return base
-    raise ValueError(f"pretrain.schedule must be cosine, poly or constant, got {sched!r}")
+    if sched == "exponential":
+        gamma = float(p.get("gamma", 1.0))
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"schedule exponential: gamma must be in (0, 1], got {gamma}")
+        return base * gamma ** min(step, total)
+    raise ValueError(f"schedule must be cosine, poly, constant or exponential, got {sched!r}")
 
 
 def make_optimizer(p: dict, params) -> torch.optim.Optimizer:

@@ -27,7 +27,6 @@ import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
-import MinkowskiEngine as ME
 import numpy as np
 import torch
 import torch.distributed as tdist
@@ -41,7 +40,8 @@ from lift3d.core.graph import upstream_lineages as graph_upstream
 from lift3d.core.graph import upstream_problems
 from lift3d.core.progress import bar as progress_bar
 from lift3d.nets.heads import UPL, ProjectionHead3D, SegHead
-from lift3d.nets.res16unet import build_model
+from lift3d.nets.sparse import build_model, check_backend
+from lift3d.nets.sparse import sparse_input as sparse_tensor
 from lift3d.train import ddp
 from lift3d.train.data import METHODS, loader, open_sources
 from lift3d.train.losses import ppkd, ppnce, soft_ce, topk_to_dense
@@ -53,7 +53,7 @@ log = logging.getLogger("lift3d")
 
 # keys that do not change what is learned (left out of the run's identity)
 BOOKKEEPING = ("num_workers", "checkpoint_every", "run_name", "log_every", "backend", "device")
-METRICS = ["step", "loss", "lr", "time"]
+METRICS = ["step", "loss", "floor", "lr", "time"]  # floor: chance (ppnce) or the targets' entropy
 init_distributed = ddp.init_distributed
 
 
@@ -65,6 +65,12 @@ def identity(cfg: dict) -> dict:
     if not cfg["teacher"].get("flip_pass") and isinstance(p.get("augment"), dict):
         # without a teacher flip pass flip_2d cannot act: runs keep the identity they had before it
         p["augment"] = {k: v for k, v in p["augment"].items() if k != "flip_2d"}
+    if p.get("control") is None:
+        p.pop("control", None)  # no control (the default): runs keep the identity they had before the key
+    if p.get("schedule") != "exponential":
+        p.pop("gamma", None)  # only the exponential schedule reads it
+    if check_backend(p.get("sparse_backend"), "pretrain.sparse_backend") == "minkowski":
+        p.pop("sparse_backend", None)  # the default backend: runs keep the identity they had before the key
     # the device enters as what it computes on (bf16 autocast on a GPU), not as it is spelled
     p["device"] = resolve_device(cfg["pretrain"].get("device"), "pretrain.device").type
     return {"pretrain": p, "datasets": cfg["datasets"], "teacher": cfg["teacher"]["name"]}
@@ -102,7 +108,7 @@ class Learner(torch.nn.Module):
     def __init__(self, p: dict, teacher_channels: int, num_classes: int):
         super().__init__()
         self.method = p["method"]
-        self.net = build_model(p["model"], 3, int(p["feature_dim"]))
+        self.net = build_model(p["model"], 3, int(p["feature_dim"]), backend=check_backend(p.get("sparse_backend")))
         if self.method == "ppnce":
             self.head3d = ProjectionHead3D(int(p["feature_dim"]), int(p["proj_dim"]))
             self.upl = UPL(teacher_channels, int(p["proj_dim"]))
@@ -113,15 +119,43 @@ class Learner(torch.nn.Module):
         self.num_classes = num_classes
 
 
-def sparse_input(batch: dict, device: torch.device):
-    return ME.SparseTensor(batch["feats"].to(device), coordinates=batch["coords"].to(device))
+CONTROLS = (None, "shuffled_pairs")
+
+
+def shuffle_within_frames(frame: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A permutation ``perm`` of the rows that keeps each row in its frame (``frame[perm] == frame``)
+    and is uniformly random within each frame: the pairing control reads ``pixel[perm]``, so every
+    3D point meets a pixel of its own frame that it did not come from (barring chance)."""
+    frame = frame.to(torch.long).cpu()
+    keys = frame.to(torch.float64) + torch.rand(len(frame), generator=gen, dtype=torch.float64) * 0.5
+    shuffled = torch.argsort(keys)  # grouped by frame, random order inside each group
+    ordered = torch.argsort(frame, stable=True)  # grouped by frame, original order inside
+    perm = torch.empty_like(ordered)
+    perm[ordered] = shuffled
+    return perm
+
+
+def drop_ignored(logits: torch.Tensor, target: torch.Tensor, ignore: int | None) -> tuple:
+    """Leave a folded teacher's "other" class out of dense soft targets: its column is zeroed,
+    each row renormalised over the rest, and rows with no mass left (all "other") dropped."""
+    if ignore is None:
+        return logits, target
+    target = target.clone()
+    target[:, int(ignore)] = 0.0
+    mass = target.sum(1, keepdim=True)
+    keep = mass[:, 0] > 1e-6
+    return logits[keep], target[keep] / mass[keep]
+
+
+def sparse_input(batch: dict, device: torch.device, backend: str = "minkowski"):
+    return sparse_tensor(batch["feats"].to(device), batch["coords"].to(device), backend)
 
 
 def compute_loss(
     learner: Learner, batch: dict, p: dict, device: torch.device, step: int, amp: bool = False
 ) -> torch.Tensor:
     """The method's loss on one collated batch (see the module docstring)."""
-    out = learner.net(sparse_input(batch, device))
+    out = learner.net(sparse_input(batch, device, learner.net.backend))
     feats = out.F  # rows in the order of batch["coords"] (one per input voxel)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     with ctx:
@@ -132,6 +166,8 @@ def compute_loss(
             sel = torch.randperm(m, generator=gen)[:n]
             z3d = learner.head3d(feats[sel.to(device)])
             frame, pix = batch["frame"][sel], batch["pixel"][sel]
+            if p.get("control") == "shuffled_pairs":  # each point paired with another pixel of its frame
+                pix = pix[shuffle_within_frames(frame, gen)]
             z2d = torch.empty_like(z3d)
             # one UPL.sample per (map shape, image size) group of frames in the batch
             keys = [(tuple(f.shape), tuple(hw)) for f, hw in zip(batch["features"], batch["image_hw"])]
@@ -146,11 +182,17 @@ def compute_loss(
                         maps, remap[frame[rows]].to(device), pix[rows].to(device), key[1]
                     ).to(z2d.dtype)
             loss = ppnce(z3d.float(), z2d.float(), float(p["temperature"]))
+            learner.floor = math.log(n)  # chance: embeddings that match nothing
         else:
             logits = learner.seg(feats).float()
             target = topk_to_dense(batch["prob"].to(device), batch["index_k"].to(device), learner.num_classes)
+            if p.get("control") == "shuffled_pairs":  # each voxel takes another voxel's target in its frame
+                gen = torch.Generator().manual_seed(int(p["seed"]) * 1_000_003 + int(step))
+                target = target[shuffle_within_frames(batch["frame"], gen).to(device)]
+            logits, target = drop_ignored(logits, target, getattr(learner, "ignore_class", None))
+            learner.floor = float(-(torch.xlogy(target, target)).sum(1).mean()) if len(target) else 0.0
             if learner.method == "soft_ce":
-                loss = soft_ce(logits, target)
+                loss = soft_ce(logits, target)  # >= the targets' entropy, learner.floor
             else:
                 loss = ppkd(logits, target, float(p.get("kd_temperature", 1.0)), teacher_is_prob=True)
     return loss
@@ -160,15 +202,19 @@ def build(cfg: dict, sources) -> tuple[Learner, torch.optim.Optimizer]:
     p = cfg["pretrain"]
     if p["method"] not in METHODS:
         raise ValueError(f"pretrain.method must be one of {METHODS}, got {p['method']!r}")
+    if p.get("control") not in CONTROLS:
+        raise ValueError(f"pretrain.control must be null or shuffled_pairs, got {p['control']!r}")
     channels, classes = set(), set()
     for s in sources:
         te = zarr.open_group(s.teacher_path, mode="r")
         channels.add(int(te["features"].shape[1]))
-        classes.add(s.classes)
+        classes.add((s.classes, s.ignore_class))
     if len(channels) > 1 or len(classes) > 1:
         raise StoreError(f"datasets disagree on the teacher's channels {channels} / classes {classes}")
     torch.manual_seed(int(p["seed"]))
-    learner = Learner(p, channels.pop(), classes.pop())
+    n_classes, ignore = classes.pop()
+    learner = Learner(p, channels.pop(), n_classes)
+    learner.ignore_class = ignore
     return learner, make_optimizer(p, learner.parameters())
 
 
@@ -249,6 +295,8 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
                 torch.nn.utils.clip_grad_norm_(learner.parameters(), clip)
             opt.step()
             row = {"step": step, "loss": f"{value:.6f}", "lr": f"{lr:.6g}", "time": f"{time.perf_counter() - t0:.3f}"}
+            if getattr(learner, "floor", None) is not None:
+                row["floor"] = f"{learner.floor:.6f}"
             rows.append(row)
             if rank.main:
                 metrics.write(row)
@@ -260,6 +308,7 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
                 metrics.flush()
                 state = {
                     "model": learner.net.state_dict(),
+                    "backend": learner.net.backend,
                     "optimizer": opt.state_dict(),
                     "heads": {k: v for k, v in learner.state_dict().items() if not k.startswith("net.")},
                 }
@@ -279,6 +328,7 @@ def train(cfg: dict, stop_at: int | None = None) -> dict:
         model = {
             "model": learner.net.state_dict(),
             "model_name": p["model"],
+            "backend": learner.net.backend,
             "in_channels": 3,
             "out_channels": int(p["feature_dim"]),
             "method": p["method"],
@@ -312,11 +362,14 @@ def _resume(run: Run, learner: Learner, opt, rank: ddp.DistInfo) -> int:
 
 def _summary(p: dict, rows: list[dict], d: Path, seconds: float, steps_now: int, status_: str) -> dict:
     last = [float(r["loss"]) for r in rows[-10:]]
+    floors = [float(r["floor"]) for r in rows[-10:] if r.get("floor")]
     return {
         "method": p["method"],
         "status": status_,
         "steps": len(rows),
         "final_loss": round(float(np.mean(last)), 4) if last else None,
+        # ppnce: chance, ln(pairs); soft_ce / ppkd: the targets' entropy (soft_ce cannot go below it)
+        "final_floor": round(float(np.mean(floors)), 4) if floors else None,
         "seconds": round(seconds, 2),
         "steps_per_s": round(steps_now / seconds, 3) if seconds > 0 else 0.0,
         "run_dir": str(d),

@@ -109,6 +109,8 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> None:
         k = 10
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         ax.plot(steps[k - 1 :], smooth, lw=1.5, label="mean of 10")
+    if rows and all(r.get("floor") for r in rows):  # pretraining: chance level or the targets' entropy
+        ax.plot(steps, [float(r["floor"]) for r in rows], lw=1.0, ls="--", color="k", label="floor")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)

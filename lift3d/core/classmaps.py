@@ -123,6 +123,13 @@ def teacher_to_nyu40(classes: list[str]) -> np.ndarray:
 
 
 def teacher_to_scannet20(classes: list[str], ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """Teacher class index -> ScanNet-20 index (``ignore_index`` where none)."""
+    """Teacher class index -> ScanNet-20 index (``ignore_index`` where none). A teacher whose
+    classes are ScanNet-20 itself (a fitted teacher; a folded one with its "other" bin last) maps
+    to itself."""
+    names = scannet20_names()
+    if list(classes)[: len(names)] == names and len(classes) <= len(names) + 1:
+        lut = np.full(len(classes), ignore_index, dtype=np.int64)
+        lut[: len(names)] = np.arange(len(names))
+        return lut
     nyu = teacher_to_nyu40(classes)
     return nyu40_to_scannet20(ignore_index)[nyu]

@@ -172,8 +172,8 @@ def _check(value, default, where: str) -> None:
             _check(val, default[key], sub)
 
 
-def check_dataset(entry, i: int) -> None:
-    where = f"datasets.{i}"
+def check_dataset(entry, i: int, where_list: str = "datasets") -> None:
+    where = f"{where_list}.{i}"
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: a dataset entry must be a mapping, got {entry!r}")
     for key in ("name", "kind"):
@@ -210,12 +210,22 @@ def validate(cfg: dict, base: dict | None = None) -> dict:
     if not datasets:
         raise ConfigError("datasets: at least one dataset entry is needed")
     names = set()
-    for i, entry in enumerate(datasets):
-        check_dataset(entry, i)
-        if entry["name"] in names:
-            raise ConfigError(f"datasets.{i}.name: {entry['name']!r} is used twice; names must be unique")
-        names.add(entry["name"])
+    for where, entries in dataset_lists(cfg):
+        for i, entry in enumerate(entries):
+            check_dataset(entry, i, where)
+            if entry["name"] in names:
+                raise ConfigError(
+                    f"{where}.{i}.name: {entry['name']!r} is used twice; names must be unique "
+                    f"(over datasets and fit2d.datasets)"
+                )
+            names.add(entry["name"])
     return cfg
+
+
+def dataset_lists(cfg: dict) -> list[tuple[str, list]]:
+    """The dataset entry lists of a configuration: ``datasets`` (the 3D side) and
+    ``fit2d.datasets`` (the 2D corpus a fitted teacher learns from; its 3D data is never read)."""
+    return [("datasets", cfg.get("datasets") or []), ("fit2d.datasets", (cfg.get("fit2d") or {}).get("datasets") or [])]
 
 
 def load(config: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
@@ -227,7 +237,7 @@ def load(config: str | Path | None = None, overrides: list[str] | tuple = ()) ->
     for item in overrides:
         apply_override(cfg, item)
     validate(cfg, base)
-    for entry in cfg["datasets"]:
+    for entry in [e for _, entries in dataset_lists(cfg) for e in entries]:
         entry.setdefault("frame_skip", 25 if entry["kind"] in ("scannet", "synthetic") else 1)
         entry.setdefault("split", "all")
         entry.setdefault("root", None)

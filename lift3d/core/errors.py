@@ -51,3 +51,7 @@ class ExportError(Lift3dError, ValueError):
 
 class SweepError(Lift3dError, ValueError):
     """A sweep grid is malformed."""
+
+
+class Fit2dError(Lift3dError, ValueError):
+    """A fit2d input (corpus, labels, settings) is unusable."""

@@ -60,6 +60,29 @@ class Group:
 THROUGHPUT = {"frames": (), "teacher": ("batch_size", "shard_frames", "device"), "points": ()}
 
 
+# fit2d settings that change how a run is kept or where it runs, never what it learns
+FIT2D_BOOKKEEPING = ("checkpoint_every", "run_name", "device")
+
+
+def fit2d_identity(cfg: dict) -> dict:
+    """What a fit2d run is made from: its settings (bookkeeping left out) and the lineage of each
+    of its corpus's frames groups. A fitted teacher's cache carries it in its identity."""
+    section = {k: v for k, v in cfg["fit2d"].items() if k not in FIT2D_BOOKKEEPING}
+    return {"fit2d": section, "frames": {g.path: g.lineage_sha256 for g in corpus_groups(cfg)}}
+
+
+def fit2d_run_dir(cfg: dict) -> Path:
+    """This configuration's fit2d run folder: ``<workdir>/runs/fit2d/<run_name or backbone-hash>``."""
+    f = cfg["fit2d"]
+    name = f.get("run_name") or f"{f['backbone']}-{sha256_json(fit2d_identity(cfg))[:10]}"
+    return workdir(cfg) / "runs" / "fit2d" / name
+
+
+def uses_fit2d(cfg: dict) -> bool:
+    """The teacher stage reads this configuration's fit2d run (teacher.name: fitted, no weights given)."""
+    return cfg["teacher"]["name"] == "fitted" and not cfg["teacher"].get("weights")
+
+
 def stage_identity(cfg: dict, stage: str) -> dict:
     """The part of a preprocessing stage's section that enters its stores' identity. For the
     teacher, the device enters as what it computes in (float32 on the CPU, bf16 autocast on a GPU),
@@ -73,15 +96,29 @@ def stage_identity(cfg: dict, stage: str) -> dict:
         else:
             cuda = resolve_device(spec, "teacher.device").type == "cuda"
             section["precision"] = "bf16 autocast" if cuda else "float32"
+        if uses_fit2d(cfg):  # a refitted teacher is another teacher: its caches are rebuilt
+            section["fit2d_run"] = sha256_json(fit2d_identity(cfg))
     return section
 
 
+def _frames_group(cfg: dict, entry: dict) -> Group:
+    g = Group("frames", "frames", entry["name"], {"stage": stage_identity(cfg, "frames"), "dataset": entry})
+    g.failed = tuple(sorted(failed_scenes(workdir(cfg), "frames", g.path, g.config_sha256)))
+    return g
+
+
+def corpus_groups(cfg: dict) -> list[Group]:
+    """The frames groups of fit2d's 2D corpus (``fit2d.datasets``): written by the frames stage,
+    read by fit2d only (never by teacher, points or the 3D trainers)."""
+    return [_frames_group(cfg, entry) for entry in cfg["fit2d"].get("datasets") or []]
+
+
 def groups(cfg: dict, stage: str) -> list[Group]:
-    """The store groups ``stage`` writes under the current configuration (one per dataset)."""
+    """The store groups ``stage`` writes under the current configuration (one per entry of
+    ``datasets``; the frames stage also writes :func:`corpus_groups`)."""
     out = []
     for entry in cfg["datasets"]:
-        frames = Group("frames", "frames", entry["name"], {"stage": stage_identity(cfg, "frames"), "dataset": entry})
-        frames.failed = tuple(sorted(failed_scenes(workdir(cfg), "frames", frames.path, frames.config_sha256)))
+        frames = _frames_group(cfg, entry)
         if stage == "frames":
             out.append(frames)
         elif stage == "teacher":
@@ -134,7 +171,7 @@ def stage_status(cfg: dict, stage: str) -> tuple[str, list[str]]:
     if stage not in ("frames", "teacher", "points"):
         return STAGES.get(stage).status(cfg)
     wd = workdir(cfg)
-    results = [group_status(wd, g) for g in groups(cfg, stage)]
+    results = [group_status(wd, g) for g in groups(cfg, stage) + (corpus_groups(cfg) if stage == "frames" else [])]
     states = {s for s, _ in results}
     agg = "done" if states == {"done"} else ("missing" if states == {"missing"} else "out of date")
     return agg, [why for _, why in results]

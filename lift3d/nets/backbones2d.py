@@ -268,12 +268,16 @@ def efficientnet_lite0(pretrained: bool = True, weights_path: str | os.PathLike 
 # ----------------------------------------------------------------------------- ResNet-50
 
 
-def resnet50(weights_path: str | os.PathLike | None) -> Backbone2D:
+def resnet50(weights_path: str | os.PathLike | None, pretrained: bool = True) -> Backbone2D:
     """torchvision ResNet-50 from a local state-dict file as a :class:`Backbone2D`, in eval mode.
 
     features: layer4, 2048 channels, stride 32. dense_logits: ``fc`` at every cell.
+    ``pretrained=False``: initialised weights, to be replaced by a whole network's state dict.
     """
     import torchvision
+
+    if not pretrained:
+        return _resnet50_backbone(torchvision.models.resnet50(weights=None), None)
 
     help_ = (
         "put a torchvision ResNet-50 state dict (e.g. resnet50-11ad3fa6.pth, "
@@ -304,6 +308,10 @@ def resnet50(weights_path: str | os.PathLike | None) -> Backbone2D:
             f"shape mismatches {shapes[:5]}); {help_}"
         )
     model.load_state_dict(sd, strict=True)
+    return _resnet50_backbone(model, sha256_path(path))
+
+
+def _resnet50_backbone(model: nn.Module, sha: str | None) -> Backbone2D:
     trunk = nn.Sequential(
         model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4
     )
@@ -316,5 +324,5 @@ def resnet50(weights_path: str | os.PathLike | None) -> Backbone2D:
         stride=32,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        weights_sha256=sha256_path(path),
+        weights_sha256=sha,
     ).eval()

@@ -1,5 +1,5 @@
 """Learnable heads of the trainer: 3D projection head, PPKT's 2D upsampling projection layer
-(UPL) and the per-point segmentation head.
+(UPL), the per-point segmentation head, and the bilinear sampling of cached soft labels.
 
 Pixel conventions follow docs/stores.md: pixels are (row, col) of the stored H x W frame with integer
 coordinates at pixel centres, and cell (i, j) of an h x w teacher map covers the stored pixel
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ProjectionHead3D", "UPL", "SegHead", "bilinear_taps"]
+__all__ = ["ProjectionHead3D", "UPL", "SegHead", "bilinear_taps", "sample_soft_labels"]
 
 
 def _features(x) -> torch.Tensor:
@@ -49,6 +50,32 @@ def bilinear_taps(coord: torch.Tensor, in_size: int, out_size: int) -> Tuple[tor
     i1 = (i0 + 1).clamp_max(in_size - 1)
     w1 = s - i0.to(s.dtype)
     return i0, i1, w1
+
+
+def sample_soft_labels(prob: np.ndarray, index: np.ndarray, pixels: np.ndarray, image_hw) -> tuple:
+    """Each point's teacher distribution sampled bilinearly at its stored pixel (row, col), as the
+    reference upsamples the teacher's output to every pixel (align_corners=False, the rule of
+    :func:`bilinear_taps`).
+
+    ``prob`` / ``index`` (k, hs, ws): a frame's stored classes per cell (the whole distribution,
+    or its top k). Returns ``prob`` (M, 4k) float32 and ``index`` (M, 4k) int64: for each of the
+    four nearest cells its k probabilities renormalised to sum to 1 (a cell holding none gets 1/k
+    each), times the cell's bilinear weight. A point's entries sum to 1; a class appearing in
+    several cells adds up when scattered (:func:`lift3d.train.losses.topk_to_dense`).
+    """
+    k, hs, ws = prob.shape
+    H, W = int(image_hw[0]), int(image_hw[1])
+    px = torch.from_numpy(np.asarray(pixels, np.int64).reshape(-1, 2))
+    r0, r1, wr = (t.numpy() for t in bilinear_taps(px[:, 0], hs, H))
+    c0, c1, wc = (t.numpy() for t in bilinear_taps(px[:, 1], ws, W))
+    p = prob.astype(np.float32)
+    total = p.sum(0, keepdims=True)
+    p = np.where(total > 0, p / np.maximum(total, np.finfo(np.float32).tiny), np.float32(1.0 / k))
+    probs, idxs = [], []
+    for r, c, w in ((r0, c0, (1 - wr) * (1 - wc)), (r0, c1, (1 - wr) * wc), (r1, c0, wr * (1 - wc)), (r1, c1, wr * wc)):
+        probs.append(p[:, r, c].T * w[:, None].astype(np.float32))
+        idxs.append(index[:, r, c].T.astype(np.int64))
+    return np.concatenate(probs, 1), np.concatenate(idxs, 1)
 
 
 class UPL(nn.Module):

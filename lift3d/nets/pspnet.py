@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 BINS = (1, 2, 3, 6)
+FIT2D_MODEL_KIND = "lift3d.fit2d"  # the "kind" of a fit2d model.pt: what the fitted teacher loads
 
 
 # ----------------------------------------------------------------------------- backbone

@@ -84,6 +84,7 @@ class Res16UNetBase(nn.Module):
     ``decoder_dim`` (= PLANES[7]), ``in_channels``, ``out_channels``, ``D``.
     """
 
+    backend = "minkowski"  # lift3d.nets.sparse; the spconv twin: lift3d.nets.res16unet_spconv
     BLOCK: Type[nn.Module] = BasicBlock
     PLANES: Tuple[int, ...] = (32, 64, 128, 256, 256, 256, 256, 256)
     LAYERS: Tuple[int, ...] = (2, 2, 2, 2, 2, 2, 2, 2)

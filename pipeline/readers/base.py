@@ -10,6 +10,14 @@ Frame-level faults that real datasets contain (non-finite pose, empty depth, one
 frame) are yielded as ``Skip(source_index, reason)`` so the stage counts them; anything else
 (missing file, truncated container, wrong sizes, missing intrinsics) raises ``ReaderError``
 naming the file and the problem.
+
+Ground-truth 2D labels: ``reader.labels_2d()`` gives a :class:`LabelSource` for a format that has
+2D label images (None otherwise). ``src(scene, source_index)`` is the frame's label image as
+ScanNet-20 indices (uint8, ``IGNORE_INDEX`` = 255 where unlabelled or the class is not one of the
+20), at the label image's own resolution, or None when that frame has no label image. Every format
+goes through NYU40 (``lift3d.core.classmaps.nyu40_to_scannet20``). A label image of the wrong
+size, with ids its format's mapping does not know, or that cannot be decoded raises
+``ReaderError`` naming the file.
 """
 
 from __future__ import annotations
@@ -42,6 +50,27 @@ class Skip:
     reason: str  # a short snake_case reason, counted in the store's `skipped`
 
 
+class LabelSource:
+    """The ground-truth 2D label images of one dataset, as ScanNet-20 indices.
+
+    ``src(scene, source_index)`` -> uint8 (h, w) ScanNet-20 index per pixel (0..19;
+    ``IGNORE_INDEX`` = 255 where unlabelled or the class has no ScanNet-20 counterpart) at the label
+    image's own resolution, or None when that frame has no label image. Files are opened lazily;
+    ``close()`` releases them (also as a context manager)."""
+
+    def __call__(self, scene: str, source_index: int) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files (zip archives, ...); the source can still be called afterwards."""
+
+    def __enter__(self) -> "LabelSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class BaseReader:
     """Subclasses set ``kind`` and implement ``stored_size``, ``scenes`` and ``frames``."""
 
@@ -68,6 +97,19 @@ class BaseReader:
 
     def frames(self, scene: str, frame_skip: int) -> Iterator[Frame | Skip]:
         raise NotImplementedError
+
+    def labels_2d(self) -> LabelSource | None:
+        """The dataset's ground-truth 2D label images (:class:`LabelSource`), or None when the
+        format has none (or the dataset's folder does not exist)."""
+        return None
+
+    #: kinds that read the same real dataset (the same scene ids name the same scenes)
+    family: str = ""
+
+    def scene_key(self, scene: str) -> tuple:
+        """What makes two scenes one scene across dataset entries: (family, scene id) for a real
+        dataset (ScanNet read raw or exported is one family); a generated room says its own."""
+        return (self.family or self.kind, scene)
 
 
 def reader_class(kind: str) -> type[BaseReader]:

@@ -158,6 +158,78 @@ def png_size(path: Path) -> tuple[int, int]:
     return h, w
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic), which carry the size
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def encoded_image_hw(data: bytes) -> tuple[int, int]:
+    """(H, W) from a JPEG SOF or PNG IHDR header in ``data`` (the file's first bytes suffice);
+    (0, 0) when not found there."""
+    if data[:8] == PNG_SIGNATURE and len(data) >= 24:
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data[:2] != b"\xff\xd8":
+        return 0, 0
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in _JPEG_SOF:
+            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+        if marker in (0xFF, 0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # fill byte, markers without a length
+            i += 1 if marker == 0xFF else 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return 0, 0
+
+
+def image_hw(path: Path, head: int = 1 << 16) -> tuple[int, int]:
+    """(H, W) of a JPEG or PNG file from its header (its first ``head`` bytes, else the whole file),
+    decoded only as a last resort; ReaderError naming the file when it is missing or not an image."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(head)
+            hw = encoded_image_hw(data)
+            if hw == (0, 0) and len(data) == head:
+                data += f.read()
+                hw = encoded_image_hw(data)
+    except OSError as exc:
+        raise ReaderError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if hw == (0, 0):
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+        if img is None:
+            raise ReaderError(f"{path}: not a readable image (no JPEG or PNG header)")
+        hw = img.shape[:2]
+    return int(hw[0]), int(hw[1])
+
+
+def decode_label_png(data: bytes, where: str) -> np.ndarray:
+    """A label image: a single-channel 8- or 16-bit PNG, decoded as is (uint8 / uint16 (H, W));
+    ReaderError naming ``where`` otherwise."""
+    if data[:8] != PNG_SIGNATURE:
+        raise ReaderError(f"{where}: not a PNG file (label images are single-channel 8- or 16-bit PNGs)")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ReaderError(f"{where}: unreadable PNG (corrupt or truncated)")
+    if img.ndim != 2:
+        raise ReaderError(f"{where}: label image has {img.shape[2]} channels, expected a single-channel PNG of ids")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise ReaderError(f"{where}: label image is {img.dtype}, expected 8- or 16-bit integer ids")
+    return img
+
+
+def check_label_size(label_hw, colour_hw, where: str, colour: str) -> None:
+    """ReaderError naming the label file ``where`` when its (H, W) differs from the frame's colour
+    image (``colour`` says which file or header gave that size)."""
+    if tuple(label_hw) != tuple(colour_hw):
+        raise ReaderError(
+            f"{where}: label image is {label_hw[1]}x{label_hw[0]} but the frame's colour image is "
+            f"{colour_hw[1]}x{colour_hw[0]} ({colour}); a label image must have its colour image's size"
+        )
+
+
 def read_pose(path: Path) -> np.ndarray:
     """A 4x4 pose from a text file (ScanNet export / Matterport style); may be non-finite."""
     try:

@@ -58,6 +58,7 @@ def read_exr(path: Path) -> np.ndarray | None:
 
 class Reader(BaseReader):
     kind = "matterport_pano"
+    family = "matterport"  # the same scenes as kind matterport
     extra_keys = {"depth_scale": (int, float)}
 
     def __init__(self, entry: dict, workdir: Path):

@@ -7,6 +7,9 @@ bilinear ``warpAffine`` maps it through the colour intrinsics onto the stored gr
 and depth cameras of ScanNet differ slightly in focal length and principal point; the map
 pixel -> ray (stored K) -> colour pixel (colour K) is affine). ``color_align: resize`` uses a
 plain resize instead. Frames that are not kept are never decoded: the reader seeks past them.
+
+2D labels (``labels_2d()``): ``label-filt/<frame>.png`` from ``scans/<scene>/label-filt/`` or
+``scans/<scene>/<scene>_2d-label-filt.zip``, at the colour size (``pipeline/readers/scannet_labels.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from lift3d.pipeline.readers.base import BaseReader, Frame, ReaderError, Skip
+from lift3d.pipeline.readers.base import BaseReader, Frame, LabelSource, ReaderError, Skip
 from lift3d.pipeline.readers.common import (
     entry_image_size,
     read_split,
@@ -28,6 +31,7 @@ from lift3d.pipeline.readers.common import (
     shrink_interpolation,
     subfolders,
 )
+from lift3d.pipeline.readers.scannet_labels import ScanNetLabels
 from lift3d.pipeline.readers.scannet_sens import (
     COLOR_JPEG,
     COLOR_PNG,
@@ -112,6 +116,14 @@ class Reader(BaseReader):
                 size = (hd.depth_height, hd.depth_width)
             self._size = size
         return self._size
+
+    def labels_2d(self) -> LabelSource | None:
+        """``label-filt/<frame>.png`` (ScanNet ids, through the tsv and NYU40) per frame, from
+        ``scans/<scene>/label-filt/`` or ``scans/<scene>/<scene>_2d-label-filt.zip``; None without
+        ``<root>/scans``."""
+        if self.root is None or not (self.root / "scans").is_dir():
+            return None
+        return ScanNetLabels(self.root)
 
     def _check(self, hd: SensHeader, path: Path) -> None:
         if hd.color_compression not in (COLOR_RAW, COLOR_PNG, COLOR_JPEG):

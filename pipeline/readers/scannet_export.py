@@ -6,6 +6,10 @@ optionally, ``intrinsic/intrinsic_color.txt`` (4x4). Frames are numbered by N; t
 is the depth size (or ``image_size``). Colour is aligned onto the depth grid as in
 ``pipeline/scannet.py`` (through the colour intrinsics when ``intrinsic_color.txt`` exists,
 otherwise by a plain resize). Splits: ``<root>/scannetv2_{train,val}.txt``.
+
+2D labels (``labels_2d()``): ``<root>/<scene>/label-filt/<N>.png`` (ScanNet ids, the unpacked
+``<scene>_2d-label-filt.zip``) through ``<root>/scannetv2-labels.combined.tsv`` and NYU40, each the
+size of ``color/<N>.jpg`` (``pipeline/readers/scannet_labels.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from lift3d.pipeline.readers.base import BaseReader, Frame, ReaderError, Skip
+from lift3d.pipeline.readers.base import BaseReader, Frame, LabelSource, ReaderError, Skip
 from lift3d.pipeline.readers.common import (
+    encoded_image_hw,
     entry_image_size,
     png_size,
     read_bytes,
@@ -30,6 +35,7 @@ from lift3d.pipeline.readers.common import (
     subfolders,
 )
 from lift3d.pipeline.readers.scannet import color_warp
+from lift3d.pipeline.readers.scannet_labels import ScanNetExportLabels
 
 
 def _k(m: np.ndarray) -> tuple[float, float, float, float]:
@@ -38,6 +44,7 @@ def _k(m: np.ndarray) -> tuple[float, float, float, float]:
 
 class Reader(BaseReader):
     kind = "scannet_export"
+    family = "scannet"  # the same scenes as kind scannet
     extra_keys = {"color_align": str}
 
     def __init__(self, entry: dict, workdir: Path):
@@ -75,6 +82,11 @@ class Reader(BaseReader):
         if self._size is None:
             self._size = entry_image_size(self.entry) or self.depth_size(self.scenes()[0])
         return self._size
+
+    def labels_2d(self) -> LabelSource | None:
+        """``<scene>/label-filt/<N>.png`` per frame (ScanNet ids, through the tsv and NYU40); None
+        when root is not a folder."""
+        return ScanNetExportLabels(self.root) if self.root.is_dir() else None
 
     def frames(self, scene: str, frame_skip: int) -> Iterator[Frame | Skip]:
         sdir = self.root / scene
@@ -115,7 +127,7 @@ class Reader(BaseReader):
                 continue
             cpath = sdir / "color" / f"{i}.jpg"
             data = read_bytes(cpath)
-            ch, cw = _jpeg_or_png_size(data)
+            ch, cw = encoded_image_hw(data)
             ratio = min(cw / out_hw[1], ch / out_hw[0]) if ch else 1
             reduce = 4 if ratio >= 3.8 else 2 if ratio >= 1.9 else 1
             flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}[reduce]
@@ -140,22 +152,3 @@ class Reader(BaseReader):
                 bgr = cv2.resize(bgr, (out_hw[1], out_hw[0]), interpolation=shrink_interpolation(bgr.shape[:2], out_hw))
             rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             yield Frame(i, rgb, resize_depth(depth, out_hw), intr, pose.astype(np.float32))
-
-
-def _jpeg_or_png_size(data: bytes) -> tuple[int, int]:
-    """(H, W) from a JPEG SOF or PNG IHDR header; (0, 0) when not found (decode decides)."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
-    i = 2
-    while i + 9 < len(data) and data[:2] == b"\xff\xd8":
-        if data[i] != 0xFF:
-            i += 1
-            continue
-        marker = data[i + 1]
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return 0, 0

@@ -20,22 +20,34 @@ Entry keys: ``depth_folder``: ``auto`` (default: ``depth_bfx`` where the folder 
 Splits: ``split: train|val`` reads ``split_train_file`` / ``split_val_file`` (default
 ``<root>/sunrgbd_train.txt`` / ``sunrgbd_val.txt``): one image folder per line, relative to root;
 absolute paths from the official lists are cut after their last ``SUNRGBD/``.
+
+2D labels (``labels_2d()``): the release's ``seg.mat`` in each image folder (MATLAB v5, read with
+``scipy.io.loadmat``): ``seglabel`` (H x W, the image's size) holds per pixel a 1-based index into
+the folder's own ``names`` (a cell array of the annotators' object names; 0 = unlabelled). A name
+is mapped to NYU40 by its normalised spelling (lower case, letters and digits only) when it is one
+of SUN RGB-D's 37 classes (the toolbox's ``seg37list``, NYU40 ids 1..37 in order), NYU40's own
+name for one of them, or a listed variant (``SUN37_ALIASES``); any other name is unlabelled. Then
+NYU40 -> ScanNet-20.
 """
 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
 import cv2
 import numpy as np
 
-from lift3d.pipeline.readers.base import BaseReader, Frame, ReaderError, Skip
+from lift3d.core.classmaps import IGNORE_INDEX, nyu40_names, nyu40_to_scannet20
+from lift3d.pipeline.readers.base import BaseReader, Frame, LabelSource, ReaderError, Skip
 from lift3d.pipeline.readers.common import (
     bgr_to_rgb,
+    check_label_size,
     decode_image,
     entry_image_size,
+    image_hw,
     read_matrix,
     resize_depth,
     resize_rgb,
@@ -46,6 +58,16 @@ GRAVITY_AXES = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])  # (x, y, z) -
 MAX_DEPTH_MM = 8000
 DEFAULT_SIZE = (480, 640)
 IMAGE_EXT = (".jpg", ".jpeg", ".png")
+SEG_FILE = "seg.mat"
+# SUN RGB-D's 37 classes as the toolbox's Metadata/seg37list.mat spells them: NYU40 ids 1..37 in order
+SUN37 = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf", "picture",
+    "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor_mat", "clothes",
+    "ceiling", "books", "fridge", "tv", "paper", "towel", "shower_curtain", "box", "whiteboard", "person",
+    "night_stand", "toilet", "sink", "lamp", "bathtub", "bag",
+)  # fmt: skip
+# other spellings of the same 37 classes (singular forms; NYU's own misspelling)
+SUN37_ALIASES = {"shelf": 15, "book": 23, "refridgerator": 24}
 
 
 def decode_depth(raw: np.ndarray) -> np.ndarray:
@@ -158,6 +180,12 @@ class Reader(BaseReader):
             self._scenes = out
         return self._scenes
 
+    def labels_2d(self) -> LabelSource | None:
+        """``seg.mat`` of each image folder, through its ``names`` and NYU40; None without root."""
+        if self.root is None or not self.root.is_dir():
+            return None
+        return SunRGBDLabels(self.root)
+
     def _depth_path(self, folder: Path) -> Path:
         name = self.depth_folder
         if name == "auto":
@@ -225,3 +253,95 @@ def _one_ext(folder: Path) -> Path:
     if not files:
         raise ReaderError(f"{folder}: no extrinsics *.txt file")
     return files[-1]
+
+
+# ----------------------------------------------------------------------------- 2D labels
+
+
+def name_key(name: str) -> str:
+    """An object name compared by its letters and digits only, in lower case ("Night_Stand" -> "nightstand")."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+@lru_cache(maxsize=None)
+def _name_table() -> dict[str, int]:
+    table = {name_key(n): i + 1 for i, n in enumerate(nyu40_names()[:37])}
+    table.update({name_key(n): i + 1 for i, n in enumerate(SUN37)})
+    table.update({name_key(n): v for n, v in SUN37_ALIASES.items()})
+    return table
+
+
+def name_to_nyu40(name: str) -> int:
+    """NYU40 id (1..37) of a SUN RGB-D object name, 0 when it is not one of the 37 classes."""
+    return _name_table().get(name_key(name), 0)
+
+
+def _cell_strings(arr, path: Path) -> list[str]:
+    """A MATLAB cell array (or char matrix) of strings, as scipy.io.loadmat returns it."""
+    out = []
+    for x in np.asarray(arr, dtype=object).ravel():
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, np.ndarray) and x.dtype.kind == "U":
+            out.append("".join(str(c) for c in x.ravel()))
+        else:
+            raise ReaderError(f"{path}: 'names' holds a {type(x).__name__}, expected strings (a cell array of names)")
+    return out
+
+
+def read_seg_mat(path: Path) -> tuple[np.ndarray, list[str]]:
+    """(seglabel int64 (H, W), names) of an image folder's ``seg.mat``; ReaderError naming it when
+    it cannot be read, lacks either variable, or holds an index that is not a whole number >= 0."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise ReaderError(f"{path}: reading SUN RGB-D's seg.mat needs scipy (pip install scipy)") from None
+    try:
+        m = loadmat(str(path), variable_names=["seglabel", "names"])
+    except NotImplementedError:
+        raise ReaderError(
+            f"{path}: a MATLAB v7.3 (HDF5) file; the release's seg.mat is MATLAB v5 (readable by scipy.io.loadmat)"
+        ) from None
+    except Exception as exc:  # scipy raises several types for a damaged file (ValueError, MatReadError, ...)
+        raise ReaderError(f"{path}: unreadable .mat file: {exc}") from None
+    for key in ("seglabel", "names"):
+        if key not in m:
+            raise ReaderError(f"{path}: no variable {key!r} (expected seglabel, the per-pixel index into names)")
+    seg = np.asarray(m["seglabel"])
+    if seg.ndim != 2 or seg.dtype.kind not in "uifb" or 0 in seg.shape:
+        raise ReaderError(f"{path}: seglabel is {seg.dtype} with shape {seg.shape}, expected a 2-D image of indices")
+    if seg.dtype.kind == "f" and not (np.isfinite(seg).all() and (seg == np.round(seg)).all()):
+        raise ReaderError(f"{path}: seglabel holds values that are not whole numbers")
+    seg = seg.astype(np.int64)
+    if seg.min() < 0:
+        raise ReaderError(f"{path}: seglabel holds the negative index {int(seg.min())}")
+    return seg, _cell_strings(m["names"], path)
+
+
+class SunRGBDLabels(LabelSource):
+    """SUN RGB-D's per-image ``seg.mat`` (``<root>/<image folder>/seg.mat``) as ScanNet-20: index ->
+    the folder's ``names`` -> NYU40 (the 37 classes) -> ScanNet-20. The only frame of an image folder
+    is source_index 0; a folder without ``seg.mat`` has no label image."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.to_scannet20 = nyu40_to_scannet20(IGNORE_INDEX)
+
+    def __call__(self, scene: str, source_index: int) -> np.ndarray | None:
+        folder = self.root / scene
+        path = folder / SEG_FILE
+        if int(source_index) != 0 or not path.is_file():
+            return None
+        seg, names = read_seg_mat(path)
+        top = int(seg.max())
+        if top > len(names):
+            raise ReaderError(
+                f"{path}: seglabel holds class index {top}, outside its names ({len(names)} names, "
+                f"indices 1..{len(names)}; 0 = unlabelled)"
+            )
+        image = _one_file(folder / "image", IMAGE_EXT, "colour image")
+        check_label_size(seg.shape, image_hw(image), str(path), str(image))
+        lut = np.full(len(names) + 1, IGNORE_INDEX, np.uint8)
+        for i, name in enumerate(names):
+            lut[i + 1] = self.to_scannet20[name_to_nyu40(name)]
+        return lut[seg]

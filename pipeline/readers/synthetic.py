@@ -12,7 +12,7 @@ from pathlib import Path
 from lift3d.pipeline.readers import scannet
 from lift3d.pipeline.readers.base import ReaderError
 from lift3d.pipeline.readers.common import entry_image_size
-from lift3d.pipeline.synthetic.write import DEFAULTS, VERSION, generate
+from lift3d.pipeline.synthetic.write import DEFAULTS, VERSION, generate, room_seed
 
 
 class Reader(scannet.Reader):
@@ -83,6 +83,21 @@ class Reader(scannet.Reader):
 
     def stored_size(self) -> tuple[int, int]:
         return entry_image_size(self.entry) or tuple(self.options["depth_size"])
+
+    def scene_key(self, scene: str) -> tuple:
+        """A generated room is its seed: two entries share a room exactly when they share a seed."""
+        return ("synthetic room", room_seed(self.options["seed"], int(scene[len("scene") : len("scene") + 4])))
+
+    def labels_2d(self):
+        """The generated label-filt images (as ``kind: scannet``); None before the dataset is generated."""
+        if not (self.root / "scans").is_dir():
+            return None
+        if not self.is_prepared():
+            raise ReaderError(
+                f"{self.root}: the synthetic dataset on disk was generated with other options (or not "
+                f"completely); run the frames stage, which generates it again, before reading its labels"
+            )
+        return super().labels_2d()
 
     def frames(self, scene: str, frame_skip: int):
         if not self.is_prepared():

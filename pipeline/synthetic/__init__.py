@@ -1,10 +1,12 @@
 """The embedded default dataset: procedural indoor rooms written in ScanNet's raw format.
 
 ``generate(out, scenes, seed)`` builds rooms (floor, walls, optional ceiling, wall-mounted
-doors / windows / pictures / curtains, furniture made of boxes and vertical cylinders, each
-NYU40 class with its own procedural texture), renders a camera trajectory per room by exact
-ray casting (numpy, vectorised; each primitive only tests the rays inside its projected
-bounding rectangle), and writes, under ``out/``:
+doors / windows / pictures / curtains, furniture made of boxes and vertical cylinders in varying
+number, size and arrangement, against the walls or free-standing at any yaw; every instance
+draws its material and colours from one pool shared by all classes, so colour does not name
+the class), renders a camera trajectory per room by exact ray casting (numpy, vectorised; each
+primitive only tests the rays inside its projected bounding rectangle), and writes, under
+``out/``:
 
 - ``scans/<scene>/<scene>.sens`` (version 4; JPEG colour at twice the depth resolution with
   its own intrinsics, zlib uint16 depth in mm, depth shift 1000, camera-to-world poses; frames

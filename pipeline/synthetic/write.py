@@ -45,7 +45,7 @@ TSV_COLUMNS = [
 ]
 
 DEFAULTS = {"depth_size": [120, 160], "frames_per_scene": 60, "jpeg_quality": 92, "mesh_spacing": 0.05}
-VERSION = 2  # bump when the generator's output changes (invalidates prepared copies)
+VERSION = 3  # bump when the generator's output changes (invalidates prepared copies)
 LOST_TRACKING = (40, 20)  # frames with i % 40 == 20 get a -inf pose
 
 
@@ -274,6 +274,12 @@ def generate_scene(
     return {"scene": scene, "frames": n_frames, "vertices": len(xyz), "ceiling": room.ceiling}
 
 
+def room_seed(seed: int, index: int) -> int:
+    """The seed a dataset's room ``index`` (scene ``scene<index:04d>_00``) is drawn from: a room
+    depends on it alone, so two datasets share a room exactly when they share a room seed."""
+    return int(seed) * 100003 + int(index)
+
+
 def split_of(scenes: int) -> tuple[list[str], list[str]]:
     """(train, val) scene ids: the last third (at least one, if there are two or more) is val."""
     names = [f"scene{i:04d}_00" for i in range(scenes)]
@@ -301,7 +307,7 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     train, val = split_of(scenes)
     for i, scene in enumerate(train + val):
-        generate_scene(out, scene, seed * 100003 + i, i, depth_hw, n_frames, q, spacing)
+        generate_scene(out, scene, room_seed(seed, i), i, depth_hw, n_frames, q, spacing)
     write_tsv(out / "scannetv2-labels.combined.tsv")
     (out / "scannetv2_train.txt").write_text("".join(s + "\n" for s in train))
     (out / "scannetv2_val.txt").write_text("".join(s + "\n" for s in val))

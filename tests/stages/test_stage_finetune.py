@@ -22,7 +22,7 @@ from lift3d.pipeline.readers.scannet_labels import read_labelled_mesh
 from lift3d.train import finetune as FT
 from lift3d.train import pretrain as P
 from lift3d.train import scenes as SC
-from lift3d.train.verdict import format_verdict, run_verdict
+from lift3d.train.verdict import run_verdict
 from tests.fixtures.config import finetune_cfg, write_yaml
 from tests.fixtures.models import write_model_file
 from tests.fixtures.stores import run_stages
@@ -174,6 +174,37 @@ def test_finetune_la_eval_and_resume(wd):
         torch.testing.assert_close(r[k], a[k], rtol=0, atol=0)
 
 
+def test_head_warmup_then_lower_backbone_rate(wd):
+    """probe_steps: the first steps move the fresh head alone (batch-norm statistics kept);
+    backbone_lr_mult 0 keeps every pretrained layer where pretraining left it."""
+    pre = torch.load(P.run_dir(finetune_cfg(wd)) / "model.pt", weights_only=True)["model"]
+    cfg = finetune_cfg(wd, la_points=5, iterations=2, probe_steps=2, run_name="probe")
+    FT.train(cfg)
+    after = torch.load(FT.run_dir(cfg) / "model.pt", weights_only=True)["model"]
+    moved = {k for k in after if not k.startswith("final.") and not torch.equal(after[k], pre[k])}
+    assert not moved, sorted(moved)[:5]  # weights and running statistics alike
+    scratch_head = FT.build_network(cfg)[0].state_dict()["final.kernel"]
+    assert not torch.equal(after["final.kernel"], scratch_head)  # the head learned
+    cfg = finetune_cfg(wd, la_points=5, iterations=3, probe_steps=1, backbone_lr_mult=0.0, run_name="frozen")
+    FT.train(cfg)
+    after = torch.load(FT.run_dir(cfg) / "model.pt", weights_only=True)["model"]
+    for k, v in pre.items():
+        if not k.startswith("final.") and "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    cfg = finetune_cfg(wd, la_points=5, iterations=2, probe_steps=1, run_name="unfrozen")
+    FT.train(cfg)
+    after = torch.load(FT.run_dir(cfg) / "model.pt", weights_only=True)["model"]
+    assert not torch.equal(after["conv0p1s1.kernel"], pre["conv0p1s1.kernel"])  # step 2 moves everything
+    # from scratch there is nothing pretrained to keep: both settings leave the network alone
+    cfg = finetune_cfg(
+        wd, init="scratch", la_points=5, iterations=1, probe_steps=5, backbone_lr_mult=0.0, run_name="scratch-free"
+    )
+    start = FT.build_network(cfg)[0].state_dict()["conv0p1s1.kernel"].clone()
+    FT.train(cfg)
+    after = torch.load(FT.run_dir(cfg) / "model.pt", weights_only=True)["model"]
+    assert not torch.equal(after["conv0p1s1.kernel"], start)
+
+
 def test_semi_supervised_terms_run(wd):
     cfg = finetune_cfg(
         wd,
@@ -229,22 +260,47 @@ def test_bad_checkpoints(wd, tmp_path):
 
 
 def test_cli_eval_checkpoint_and_verdict(wd, tmp_path):
+    """A tiny verdict end to end (2 seeds, a handful of steps, worker processes): the JSON's
+    structure, each run's figure against its own eval.json, and the markdown; not the numbers."""
     cfg = finetune_cfg(wd)
     cfg_path = write_yaml(
         tmp_path / "cfg.yaml",
         {k: cfg[k] for k in ("workdir", "datasets", "cluster", "teacher", "pretrain", "finetune")},
     )
-    res = run_verdict(C.load(cfg_path), [0], la_points=5, methods=("ppnce",), jobs=2)  # worker processes
-    assert [r["method"] for r in res["rows"]] == ["scratch", "ppnce"]
-    for r in res["runs"]:
-        ev = json.loads((__import__("pathlib").Path(r["run_dir"]) / "eval.json").read_text())
-        assert r["miou"] == ev["miou"]
-    text = format_verdict(res)
-    assert "| PPKT (ppnce) |" in text and f"{100 * res['rows'][0]['miou_mean']:.1f}" in text
-    run_dir = res["runs"][1]["run_dir"]
+    res = run_verdict(C.load(cfg_path), [0, 1], la_points=5, methods=("ppnce",), jobs=2)
+    saved = json.loads((wd / "verdict.json").read_text())
+    assert saved == json.loads(json.dumps(res)) and saved["schema"] == 2 and saved["seeds"] == [0, 1]
+    assert list(saved["methods"]) == ["scratch", "ppnce", "ceiling"]
+    for arm, r in saved["methods"].items():
+        assert set(r["per_seed"]) == {"0", "1"}
+        for s, v in r["per_seed"].items():
+            ev = json.loads((__import__("pathlib").Path(v["run_dir"]) / "eval.json").read_text())
+            assert v["miou"] == pytest.approx(100 * ev["miou"]) and 0 <= v["macc"] <= 100
+            assert (v["probe_miou"] is None) == (arm != "ppnce")
+        if arm != "scratch":
+            d = r["paired_diff"]
+            assert (
+                set(d) >= {"mean", "ci95_low", "ci95_high", "per_seed"} and d["ci95_low"] <= d["mean"] <= d["ci95_high"]
+            )
+            want = [r["per_seed"][s]["miou"] - saved["methods"]["scratch"]["per_seed"][s]["miou"] for s in ("0", "1")]
+            assert d["per_seed"] == pytest.approx(want)
+    assert set(saved["methods"]["ppnce"]["pretrain"]) == {"final_loss", "final_floor", "steps", "run_dir"}
+    assert saved["methods"]["ppnce"]["pretrain"]["final_floor"] == pytest.approx(np.log(64), abs=1e-3)  # ln(n_sub)
+    assert (
+        set(saved["baselines"]["colour_nn"]) == {"0", "1"} and saved["baselines"]["colour_nn"]["0"]["supervised"] == 10
+    )
+    assert set(saved["controls"]) == {"shuffled_pairs", "random"}
+    assert set(saved["controls"]["random"]["probe_miou"]) == {"0", "1"}
+    assert "ppnce_minus_control" in saved["controls"]["shuffled_pairs"]
+    assert saved["ceiling"]["all_labels_miou"] is not None and set(saved["goal"]) >= {"ceiling_within_5"}
+    text = (wd / "verdict.md").read_text()
+    assert "| PPKT (ppnce) |" in text and "colour nearest neighbour" in text and "supervised ceiling" in text
+    run_dir = saved["methods"]["ppnce"]["per_seed"]["0"]["run_dir"]
     out = CliRunner().invoke(main, ["eval", run_dir, "-c", str(cfg_path), "--out", str(tmp_path / "e.json")])
     assert out.exit_code == 0, out.output
-    assert json.loads((tmp_path / "e.json").read_text())["miou"] == pytest.approx(res["runs"][1]["miou"])
+    assert 100 * json.loads((tmp_path / "e.json").read_text())["miou"] == pytest.approx(
+        saved["methods"]["ppnce"]["per_seed"]["0"]["miou"]
+    )
     bad = CliRunner().invoke(main, ["eval", str(tmp_path / "nothing.pt"), "-c", str(cfg_path)])
     assert bad.exit_code != 0 and "nothing.pt: no such checkpoint" in bad.output
 

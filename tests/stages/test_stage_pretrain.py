@@ -119,7 +119,7 @@ def test_collation_keeps_voxel_pixel_mapping(wd):
         np.testing.assert_array_equal(batch["features"][b].numpy(), te["features"][i])
 
 
-def test_soft_label_target_is_renormalised_topk_of_hand_cell(wd):
+def test_soft_label_target_is_the_bilinear_blend_of_renormalised_cells(wd):
     cfg = pretrain_cfg(wd, method="soft_ce")
     ds = D.PretrainStream(cfg, augment=False)
     fr, te, po = open_stores(wd)
@@ -129,15 +129,22 @@ def test_soft_label_target_is_renormalised_topk_of_hand_cell(wd):
     H, W = fr["rgb"].shape[1:3]
     _, k, hs, ws = te["soft_labels/prob"].shape
     rng = np.random.default_rng(0)
+
+    def taps(x, n, size):  # align_corners=False: source x' = (x + 0.5) n / size - 0.5, clamped at 0
+        t = max((x + 0.5) * n / size - 0.5, 0.0)
+        i0 = min(int(np.floor(t)), n - 1)
+        return [(i0, 1.0 - (t - i0)), (min(i0 + 1, n - 1), t - i0)]
+
     for v in rng.choice(len(dense), 25, replace=False):
         i = batch["ids"][int(batch["frame"][v])][1]
         r, c = batch["pixel"][v].tolist()
-        cr, cc = int(np.floor((r + 0.5) * hs / H)), int(np.floor((c + 0.5) * ws / W))
-        p = te["soft_labels/prob"][i, :, cr, cc].astype(np.float64)
-        idx = te["soft_labels/index"][i, :, cr, cc].astype(int)
         want = np.zeros(K)
-        want[idx] = p / p.sum()
-        np.testing.assert_allclose(dense[v], want, atol=1e-6)
+        for cr, wr in taps(r, hs, H):
+            for cc, wc in taps(c, ws, W):
+                p = te["soft_labels/prob"][i, :, cr, cc].astype(np.float64)
+                idx = te["soft_labels/index"][i, :, cr, cc].astype(int)
+                np.add.at(want, idx, wr * wc * p / p.sum())
+        np.testing.assert_allclose(dense[v], want, atol=1e-5)
         assert np.isclose(dense[v].sum(), 1.0, atol=1e-5)
 
 
@@ -166,6 +173,51 @@ def test_loss_goes_down_on_a_fixed_batch(wd, method):
         losses.append(loss.item())
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_shuffle_within_frames_keeps_frames_and_moves_rows():
+    frame = torch.tensor([0] * 40 + [1] * 25 + [3] * 35)[
+        torch.randperm(100, generator=torch.Generator().manual_seed(1))
+    ]
+    perm = P.shuffle_within_frames(frame, torch.Generator().manual_seed(0))
+    assert sorted(perm.tolist()) == list(range(100))  # a permutation
+    assert torch.equal(frame[perm], frame)  # every row keeps its frame
+    assert (perm == torch.arange(100)).sum() < 10  # about one fixed row per frame by chance
+
+
+def test_shuffled_pairs_control_breaks_the_pairing_and_only_that(wd, monkeypatch):
+    """Same points, the same pixels of each frame: only which pixel meets which point changes."""
+    points, pixels = [], []
+
+    def capture(z3d, z2d, temperature):
+        points.append(z3d.detach().clone())
+        return z3d.sum() * 0.0
+
+    monkeypatch.setattr(P, "ppnce", capture)
+    cfg = pretrain_cfg(wd, method="ppnce")
+    src = D.open_sources(cfg)
+    batch = D.PretrainStream(cfg, src, augment=False).make_batch(0)
+    learner, _ = P.build(cfg, src)
+    learner.eval()
+    sample = learner.upl.sample
+
+    def recording(maps, frame, pix, image_hw):
+        pixels.append((frame.clone(), pix.clone()))
+        return sample(maps, frame, pix, image_hw)
+
+    monkeypatch.setattr(learner.upl, "sample", recording)
+    p = cfg["pretrain"]
+    P.compute_loss(learner, batch, p, torch.device("cpu"), step=5)
+    P.compute_loss(learner, batch, {**p, "control": "shuffled_pairs"}, torch.device("cpu"), step=5)
+    torch.testing.assert_close(points[0], points[1], rtol=0, atol=0)  # the same sampled points
+    (fa, pa), (fb, pb) = pixels
+    assert torch.equal(fa, fb)  # each point's frame is kept
+    for f in fa.unique():  # each frame's pixels are the same multiset ...
+        key = lambda px: sorted(map(tuple, px.tolist()))  # noqa: E731
+        assert key(pa[fa == f]) == key(pb[fb == f])
+    assert (pa == pb).all(1).float().mean() < 0.2  # ... but nearly every point meets another pixel
+    with pytest.raises(ValueError, match="control"):
+        P.build(pretrain_cfg(wd, control="mixed"), src)
 
 
 def test_incomplete_or_stale_teacher_is_refused(wd, tmp_path):

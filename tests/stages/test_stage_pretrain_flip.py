@@ -93,6 +93,13 @@ def test_flipped_frame_against_the_flipped_image(wd):
         )
 
 
+def taps(x, n, size):
+    """Bilinear taps (align_corners=False) of stored pixel x over n cells: [(cell, weight), ...]."""
+    t = max((x + 0.5) * n / size - 0.5, 0.0)
+    i0 = min(int(np.floor(t)), n - 1)
+    return [(i0, 1.0 - (t - i0)), (min(i0 + 1, n - 1), t - i0)]
+
+
 def test_stream_flips_half_and_targets_come_from_the_flip_pass(wd):
     cfg = flip_cfg(wd, method="soft_ce")
     ds = D.PretrainStream(cfg)
@@ -119,12 +126,13 @@ def test_stream_flips_half_and_targets_come_from_the_flip_pass(wd):
                 else ("soft_labels/prob", "soft_labels/index")
             )
             for v in rows[:: max(1, len(rows) // 10)]:
-                r, c = batch["pixel"][v].tolist()
-                cr, cc = int(np.floor((r + 0.5) * hs / H)), int(np.floor((c + 0.5) * ws / W))
-                p = te[pname][i, :, cr, cc].astype(np.float64)
+                r, c = batch["pixel"][v].tolist()  # the target: the bilinear blend of four cells
                 want = np.zeros(K)
-                want[te[iname][i, :, cr, cc].astype(int)] = p / p.sum()
-                np.testing.assert_allclose(dense[v], want, atol=1e-6)
+                for cr, wr in taps(r, hs, H):
+                    for cc, wc in taps(c, ws, W):
+                        p = te[pname][i, :, cr, cc].astype(np.float64)
+                        np.add.at(want, te[iname][i, :, cr, cc].astype(int), wr * wc * p / p.sum())
+                np.testing.assert_allclose(dense[v], want, atol=1e-5)
     assert 0 < sum(seen) < len(seen)  # both flipped and unflipped frames
     # the decisions do not depend on the process count; flip_2d: false turns them off
     halves = [D.PretrainStream(cfg, rank=r, world=2) for r in range(2)]

@@ -22,7 +22,8 @@ from lift3d.core.classmaps import ade20k150_names, scannet20_names
 from lift3d.core.store import GroupWriter, PartWriter, StoreError, open_group
 from lift3d.pipeline import teacher as TS
 from lift3d.pipeline.frames import templates as frame_templates
-from lift3d.pipeline.teachers.evaluate import eval_teacher, nearest_index
+from lift3d.pipeline.readers.common import nearest_index
+from lift3d.pipeline.teachers.evaluate import eval_teacher
 from lift3d.pipeline.teachers.registry import build_teacher
 from tests.fixtures.config import TEACHER_INPUT as INPUT
 from tests.fixtures.config import teacher_cfg
@@ -318,9 +319,10 @@ def test_eval_teacher_hand_made_case(tmp_path):
         ],
         np.uint16,
     )  # frame 1: all wall
-    index = np.stack([top1, np.full_like(top1, 7)], axis=1)  # (2, k=2, 2, 3); 2nd choice irrelevant
+    index = np.stack([top1, np.full_like(top1, 7)], axis=1)  # (2, k=2, 2, 3); 2nd choice (bed) has no mass
+    prob = np.stack([np.ones(top1.shape, np.float16), np.zeros(top1.shape, np.float16)], axis=1)
     pw = PartWriter(tw.part_path("shard-000000"))
-    pw.append(**{"soft_labels/index": index, "soft_labels/prob": np.full(index.shape, 0.5, np.float16)})
+    pw.append(**{"soft_labels/index": index, "soft_labels/prob": prob})
     pw.finish({})
     tw.commit(["shard-000000"], attrs={"classes": ade20k150_names()})
     # ground truth: ScanNet id 1 = wall (nyu 1), 2 = floor (nyu 2), 5 = unknown (nyu 0 -> ignored)
@@ -333,7 +335,10 @@ def test_eval_teacher_hand_made_case(tmp_path):
         zf.writestr("label-filt/0.png", cv2.imencode(".png", np.kron(gt0, np.ones((2, 2), np.uint16)))[1].tobytes())
         # frame 10 has no label image
     res = eval_teacher(cfg, "tiny")
-    # frame 0 predictions at stored pixels (cells are 2 x 2 pixels):
+    # frame 0 predictions at stored pixels (cells are 2 x 2 pixels), sampled bilinearly: pixel row
+    # r takes cell rows with weights (1, 0), (.75, .25), (.25, .75), (0, 1), columns likewise
+    # (col 3: .75 cell 1 + .25 cell 2; col 4: .25 + .75); e.g. row 1 col 3 holds wall .5625,
+    # floor .375, none .0625 -> wall; row 2 col 4 floor .375, none .5625 -> none:
     #   rows 0-1: W W W W F F      rows 2-3: F F F F none none
     # wall GT pixels: row 0 (6), row 1 cols 0,1 (2), row 3 cols 4,5 (2) = 10
     #   predicted wall there: row 0 cols 0-3 (4) + row 1 cols 0-1 (2) = 6 = TP(wall)

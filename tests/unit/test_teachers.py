@@ -21,7 +21,7 @@ def lite0():
 
 
 def test_registry():
-    assert T.available_teachers() == ["efficientnet_lite0", "hf_segmentation", "resnet50"]
+    assert T.available_teachers() == ["efficientnet_lite0", "fitted", "hf_segmentation", "resnet50"]
     assert T.DEFAULT_TEACHER == "efficientnet_lite0"
     with pytest.raises(KeyError, match="available"):
         T.build_teacher("vgg16")

@@ -20,7 +20,8 @@ from lift3d.core.errors import CheckpointError, DistillError
 from lift3d.core.graph import groups
 from lift3d.core.store import GroupWriter, PartWriter, StoreError, open_group, store_path
 from lift3d.nets.backbones2d import sha256_path
-from lift3d.nets.res16unet import MODELS, build_model
+from lift3d.nets.res16unet import MODELS
+from lift3d.nets.sparse import backend_of, build_model, checkpoint_backend, sparse_input
 from lift3d.pipeline.readers.base import make_reader
 from lift3d.pipeline.readers.common import read_split
 from lift3d.pipeline.readers.scannet_labels import IGNORE_INDEX, nyu40_to_scannet20, read_labelled_mesh
@@ -91,7 +92,10 @@ def load_3d(path: Path, cfg: dict) -> tuple[torch.nn.Module, dict]:
         )
     if not isinstance(cout, int) or cout <= 0:
         raise DistillError(f"distill2d.checkpoint {path}: out_channels is {cout!r}, expected a positive integer")
-    net = build_model(name, 3, cout)
+    try:
+        net = build_model(name, 3, cout, backend=checkpoint_backend(obj))  # the backend it was trained on
+    except ValueError as exc:
+        raise DistillError(f"distill2d.checkpoint {path}: {exc}") from None
     try:
         net.load_state_dict(obj["model"], strict=True)
     except RuntimeError as exc:
@@ -161,7 +165,7 @@ def vertex_features(net, xyz: np.ndarray, rgb: np.ndarray, voxel_size: float, de
     index, inverse = ME.utils.sparse_quantize(bc, return_index=True, return_inverse=True, return_maps_only=True)
     index, inverse = torch.as_tensor(index).long().cpu(), torch.as_tensor(inverse).long().cpu()
     feats = torch.from_numpy(rgb.astype(np.float32) / 255.0 - 0.5)[index]
-    x = ME.SparseTensor(feats.to(device), coordinates=bc[index].to(device))
+    x = sparse_input(feats.to(device), bc[index].to(device), backend_of(net))
     with torch.no_grad():
         _, dec = net(x, return_decoder=True)
     if dec.F.shape[0] != len(index) or not torch.equal(dec.C.cpu(), x.C.cpu()):

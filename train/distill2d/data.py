@@ -29,8 +29,8 @@ class TrainData:
     show their 3D features to the L2 loss. The L2 loss sees at most ``l2_pixels`` covered pixels of
     a frame per step (a seeded random subset; null = all)."""
 
-    def __init__(self, cfg: dict, sources: list[Source], caches: dict | None):
-        d = cfg["distill2d"]
+    def __init__(self, cfg: dict, sources: list[Source], caches: dict | None, section: str = "distill2d"):
+        d = cfg[section]  # distill2d, or fit2d (no 3D features: caches None)
         self.sources = sources
         self.seed = int(d["seed"])
         self.batch_size = int(d["batch_size"])
@@ -38,7 +38,7 @@ class TrainData:
         self.l2_pixels = None if d.get("l2_pixels") is None else int(d["l2_pixels"])
         self.items = [(si, int(r)) for si, s in enumerate(sources) for r in s.train_rows]
         n = len(self.items)
-        n_unp = int(round(float(d["unpaired_fraction"]) * n))
+        n_unp = int(round(float(d.get("unpaired_fraction", 0.0)) * n))
         rng = np.random.default_rng([self.seed, 0xD157])
         self.unpaired = np.zeros(n, bool)
         self.unpaired[rng.permutation(n)[:n_unp]] = True

@@ -92,9 +92,12 @@ def generator_step(
     opt.zero_grad(set_to_none=True)
     out = net(batch["rgb"])
     logits = F.interpolate(out["logits"], size=tuple(hw), mode="bilinear", align_corners=False)
-    seg = F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX)
+    if bool((batch["labels"] != IGNORE_INDEX).any()):
+        seg = F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX)
+    else:  # no labelled pixel in the batch (frames without a label image): no segmentation signal
+        seg = logits.sum() * 0.0
     parts = {"seg": seg}
-    loss = float(d["loss_seg"]) * seg
+    loss = float(d.get("loss_seg", 1.0)) * seg
     fake = {}
     if net.distilled:
         l2 = masked_l2(out["f3d_sim"], batch["pair_frame"], batch["pair_pixel"], batch["pair_feat"], hw)
@@ -215,10 +218,17 @@ FIELDS = ["phase", "step", "loss", "seg", "l2", "adv", "disc", "lr", "time"]
 
 
 def train_phase(
-    cfg: dict, phase: str, data: TrainData, run: Run, stats=None, stop_at: int | None = None
+    cfg: dict,
+    phase: str,
+    data: TrainData,
+    run: Run,
+    stats=None,
+    stop_at: int | None = None,
+    section: str = "distill2d",
 ) -> tuple[Seg2D | None, list[dict]]:
-    """Train (or resume) one network. Returns (the network, or None when stopped early; its rows)."""
-    d = cfg["distill2d"]
+    """Train (or resume) one network of the ``section`` stage (distill2d; fit2d trains its
+    teacher as a baseline network). Returns (the network, or None when stopped early; its rows)."""
+    d = cfg[section]
     distilled = phase == "distilled"
     total = int(d["iterations"])
     hw = data.hw
@@ -292,7 +302,7 @@ def train_phase(
                 run.save_checkpoint(done, state)
                 run.mark(base, done, phase=phase)
             if step % 20 == 0:
-                log.info("distill2d %s step %d/%d loss %s", phase, step, total, rows[-1]["loss"])
+                log.info("%s %s step %d/%d loss %s", section, phase, step, total, rows[-1]["loss"])
     finally:
         metrics.close()
     if end < total:
