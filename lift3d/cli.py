@@ -307,6 +307,7 @@ def eval_teacher_cmd(dataset, config_path, overrides):
     "--controls/--no-controls", default=True, show_default=True, help="Shuffled-pairs PPKT and random-network probes."
 )
 @click.option("--ceiling/--no-ceiling", default=True, show_default=True, help="The supervised ceiling arm.")
+@click.option("--rebuild", is_flag=True, help="Replace complete stores made by another configuration (rebuild: true).")
 @click.option(
     "--distill2d/--no-distill2d",
     "distill",
@@ -323,11 +324,13 @@ def eval_teacher_cmd(dataset, config_path, overrides):
 )
 @config_opt
 @override_opt
-def verdict(seeds, la_points, methods, rooms, controls, ceiling, distill, jobs, config_path, overrides):
+def verdict(seeds, la_points, methods, rooms, controls, ceiling, rebuild, distill, jobs, config_path, overrides):
     """Scratch, each pretraining method, the supervised ceiling, controls and baselines, paired by seed."""
     from lift3d.train.verdict import format_verdict, run_verdict
 
     cfg = _load(config_path, overrides)
+    if rebuild:  # an arm's teacher cache (ppnce_imagenet) made by another configuration is replaced
+        cfg["rebuild"] = True
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:

@@ -19,8 +19,6 @@ for stage in frames fit2d teacher points; do
   echo "demo: $stage took $(( $(date +%s) - t1 )) s"
 done
 "$LIFT3D" eval teacher "$@"   # the fitted teacher's 2D mIoU on the 3D rooms' frames
-"$LIFT3D" verdict --seeds "${SEEDS:-0}" --la-points 20 --rooms 4 --methods ppnce,soft_ce,ppnce_imagenet "$@"
-# the runs the verdict made are the stages of this configuration with 20 labelled points per scene
-"$LIFT3D" status -o finetune.la_points=20 "$@"
+"$LIFT3D" verdict --seeds "${SEEDS:-0}" --la-points 20 --rooms 4 --methods ppnce,soft_ce,ppnce_imagenet --rebuild "$@"
 "$LIFT3D" show synthetic 0 --out work/demo_frame0.png --ply work/demo_frame0.ply "$@"
 echo "demo finished in $(( $(date +%s) - t0 )) s"

@@ -178,14 +178,12 @@ def _probe(cfg: dict, model: str | None = None) -> dict:
 
 def _run_graph(todo: list, on_done, jobs: int) -> None:
     """Run the jobs of ``todo`` ((kind, key, cfg, extra)); ``on_done(kind, key, result)`` may
-    append more. ``jobs`` > 1: in that many spawned processes of one thread each."""
-    if jobs <= 1:
-        while todo:
-            kind, key, c, extra = todo.pop(0)
-            log.info("verdict: %s %s", kind, key)
-            on_done(kind, key, _job(kind, c, extra))
-        return
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(1,)) as pool:
+    append more. In ``jobs`` spawned processes of one thread each."""
+    # always in worker processes of one thread, even for jobs=1: a result never depends on --jobs
+    # or on this process's thread count
+    with ProcessPoolExecutor(
+        max(1, jobs), mp_context=mp.get_context("spawn"), initializer=init_worker, initargs=(1,)
+    ) as pool:
         running = {}
         while todo or running:
             while todo:
