@@ -51,6 +51,8 @@ from spconv import constants as sp_constants
 from spconv.pytorch import cppcore as sp_cppcore
 from spconv.pytorch import ops as sp_ops
 
+from lift3d.nets.res16unet_arch import build, make_models
+
 __all__ = [
     "BACKEND",
     "MAX_STRIDE",
@@ -371,44 +373,10 @@ class Res16UNetBase(nn.Module):
         return final
 
 
-class Res16UNet14(Res16UNetBase):
-    LAYERS = (1, 1, 1, 1, 1, 1, 1, 1)
-
-
-class Res16UNet14A(Res16UNet14):
-    PLANES = (32, 64, 128, 256, 128, 128, 96, 96)
-
-
-class Res16UNet18(Res16UNetBase):
-    LAYERS = (2, 2, 2, 2, 2, 2, 2, 2)
-
-
-class Res16UNet18A(Res16UNet18):
-    PLANES = (32, 64, 128, 256, 128, 128, 96, 96)
-
-
-class Res16UNet34(Res16UNetBase):
-    LAYERS = (2, 3, 4, 6, 2, 2, 2, 2)
-
-
-class Res16UNet34A(Res16UNet34):
-    PLANES = (32, 64, 128, 256, 256, 128, 64, 64)
-
-
-class Res16UNet34C(Res16UNet34):
-    PLANES = (32, 64, 128, 256, 256, 128, 96, 96)
-
-
-MODELS: Dict[str, Type[Res16UNetBase]] = {
-    cls.__name__: cls
-    for cls in (Res16UNet14, Res16UNet14A, Res16UNet18, Res16UNet18A, Res16UNet34, Res16UNet34A, Res16UNet34C)
-}
+MODELS: Dict[str, Type[Res16UNetBase]] = make_models(Res16UNetBase, __name__)
+Res16UNet14, Res16UNet14A, Res16UNet18, Res16UNet18A, Res16UNet34, Res16UNet34A, Res16UNet34C = MODELS.values()
 
 
 def build_model(name: str, in_channels: int, out_channels: int, D: int = 3, **kwargs) -> Res16UNetBase:
     """Instantiate a registered network by name (see ``MODELS``)."""
-    try:
-        cls = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}") from None
-    return cls(in_channels, out_channels, D=D, **kwargs)
+    return build(MODELS, name, in_channels, out_channels, D=D, **kwargs)
