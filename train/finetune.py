@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from lift3d.core.checkpoint import read_model_file as _read_model_file
+from lift3d.core.checkpoint import state_dict_mismatch
 from lift3d.core.config import resolve_path, sha256_json
 from lift3d.core.config import workdir as get_workdir
 from lift3d.core.device import resolve_device
@@ -234,16 +235,9 @@ def read_model_file(path: str | Path) -> dict:
 
 def _load_weights(net: torch.nn.Module, sd: dict, where: str, skip_final: bool) -> None:
     """Load ``sd`` into ``net``: the same key names and shapes (``final.*`` skipped when asked)."""
-    own = net.state_dict()
     keep = {k: v for k, v in sd.items() if not (skip_final and k.startswith("final."))}
-    need = [k for k in own if not (skip_final and k.startswith("final."))]
-    missing = [k for k in need if k not in keep]
-    extra = [k for k in keep if k not in own]
-    shape = [
-        f"{k}: {tuple(keep[k].shape)} vs {tuple(own[k].shape)}"
-        for k in need
-        if k in keep and tuple(keep[k].shape) != tuple(own[k].shape)
-    ]
+    need = {k: v for k, v in net.state_dict().items() if not (skip_final and k.startswith("final."))}
+    missing, extra, shape = state_dict_mismatch(need, keep)
     if missing or extra or shape:
         raise FinetuneError(
             f"{where}: the weights do not fit {type(net).__name__}: "

@@ -69,6 +69,19 @@ def load(path: str | Path, what: str = "torch file", numpy: bool = False, error:
         raise error(f"{path}: cannot be read as {what}: {type(exc).__name__}: {first}") from None
 
 
+def state_dict_mismatch(own: dict, sd: dict) -> tuple[list[str], list[str], list[str]]:
+    """How ``sd`` fails to fit a module whose state dict is ``own``: (keys missing from ``sd``,
+    keys ``own`` lacks, "key: shape vs shape" for keys of another shape); all empty when it fits."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+    ]
+    return missing, unexpected, shapes
+
+
 def read_model_file(path: str | Path, error: type = CheckpointError, accept_checkpoint: bool = False) -> dict:
     """A lift3d ``model.pt`` (or a run folder holding one; a ``checkpoint.pt`` too when
     ``accept_checkpoint``) as a dict with a ``model`` state dict; ``path`` records where it was."""

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lift3d.core.checkpoint import state_dict_mismatch
+
 __all__ = [
     "Backbone2D",
     "efficientnet_lite0",
@@ -293,14 +295,7 @@ def resnet50(weights_path: str | os.PathLike | None, pretrained: bool = True) ->
         raise FileNotFoundError(f"resnet50 weights not found at {path}: {help_}")
     sd = _load_torch_file(path, "resnet50")
     model = torchvision.models.resnet50(weights=None)
-    target = model.state_dict()
-    missing = sorted(set(target) - set(sd))
-    unexpected = sorted(set(sd) - set(target))
-    shapes = [
-        f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
+    missing, unexpected, shapes = state_dict_mismatch(model.state_dict(), sd)
     if missing or unexpected or shapes:
         raise ValueError(
             f"resnet50: {path} is not a torchvision ResNet-50 state dict "

@@ -349,13 +349,7 @@ class FittedTeacher(Teacher):
             raise TeacherError(f"fitted teacher: {path}: unknown backbone {obj.get('backbone')!r}")
         net = Seg2D(bb, len(names), int(obj["head_dim"]))
         sd = obj["model"]
-        own = net.state_dict()
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        shapes = [
-            f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}"
-            for k, v in own.items()
-            if k in sd and sd[k].shape != v.shape
-        ]
+        missing, unexpected, shapes = ckpt.state_dict_mismatch(net.state_dict(), sd)
         if missing or unexpected or shapes:
             raise TeacherError(
                 f"fitted teacher: {path} does not fit the {obj['backbone']} PSPNet with {len(names)} classes and "
